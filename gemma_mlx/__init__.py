@@ -1,0 +1,5 @@
+"""gemma-mlx: Gemma 4 on MLX with its Multi-Token-Prediction drafters, for lossless speculative decoding."""
+
+from ._blas import preload_openblas
+
+preload_openblas()  # before anything imports mlx.core

@@ -1,0 +1,159 @@
+"""KV caches of the target's producer layers: written by the target, read in place by the drafter (spec §4).
+
+One `LayerCache` per producer layer holds K and V as `[B, kv_heads, slots, head_dim]` and each row's length (the
+number of positions it holds = the next position to write). Position p of a row lives in slot p (full layers,
+a linear buffer that grows) or slot p mod capacity (sliding layers, a ring). The slot -> position map is a pure
+function of the row's length, so:
+- masks are built from positions, never from write order (attention is permutation-invariant over keys: RoPE is
+  already in K), so the ring never needs re-ordering and writes never concatenate;
+- rollback of rejected drafts is `length -= n`: stale slots map to positions outside every window (§4.3).
+
+A ring of capacity `W + chunk` serves target queries (positions q-W < p <= q) and the drafter (the W+1 newest
+accepted positions, §2.4) as long as one forward writes at most `chunk` tokens and `chunk >= K_max + 1`.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from .config import FULL, TextConfig
+
+GROW_STEP = 256
+
+
+class LayerCache:
+    def __init__(self, batch: int, ring_capacity: int | None = None, window: int = 0):
+        self.lengths = np.zeros(batch, dtype=np.int64)
+        self.ring_capacity = ring_capacity
+        self.window = window
+        self.keys = self.values = None
+
+    @property
+    def is_ring(self) -> bool:
+        return self.ring_capacity is not None
+
+    @property
+    def batch(self) -> int:
+        return len(self.lengths)
+
+    def slots(self, lengths: np.ndarray | None = None) -> int:
+        """Slots worth reading: the whole ring, or the used prefix of the linear buffer."""
+        lengths = self.lengths if lengths is None else lengths
+        return self.ring_capacity if self.is_ring else int(lengths.max())
+
+    def positions(self, lengths: np.ndarray | None = None) -> np.ndarray:
+        """Position held by each readable slot, per row: int [B, slots], -1 for empty slots (for the given row
+        lengths, by default the current ones)."""
+        lengths = self.lengths if lengths is None else lengths
+        last = lengths[:, None] - 1
+        j = np.arange(self.slots(lengths))[None, :]
+        if self.is_ring:
+            pos = last - (last - j) % self.ring_capacity
+            return np.where(pos >= 0, pos, -1)
+        return np.where(j <= last, j, -1)
+
+    def write(self, keys: mx.array, values: mx.array):
+        """Append T new positions to every row (K/V: [B, kv_heads, T, head_dim])."""
+        B, _, T, _ = keys.shape
+        if self.is_ring and T > self.ring_capacity:
+            raise ValueError(f"a forward of {T} tokens does not fit a sliding ring of {self.ring_capacity}")
+        self._reserve(keys, values, int(self.lengths.max()) + T)
+        slots = self.lengths[:, None] + np.arange(T)[None, :]
+        if self.is_ring:
+            slots %= self.ring_capacity
+        self.keys = _put_slots(self.keys, slots, keys)
+        self.values = _put_slots(self.values, slots, values)
+        self.lengths = self.lengths + T
+
+    def view(self) -> tuple[mx.array, mx.array]:
+        """The readable K/V, in place: the ring itself or a prefix slice of the linear buffer (no copy)."""
+        if self.is_ring:
+            return self.keys, self.values
+        n = self.slots()
+        return self.keys[..., :n, :], self.values[..., :n, :]
+
+    def rollback(self, n):
+        """Forget the last n positions of each row (n: int or one int per row)."""
+        n = np.broadcast_to(np.asarray(n, dtype=np.int64), self.lengths.shape)
+        if (n < 0).any() or (n > self.lengths).any():
+            raise ValueError(f"cannot roll back {n.tolist()} of {self.lengths.tolist()} positions")
+        if self.is_ring and (n > self.max_rollback()).any():
+            raise ValueError(f"sliding ring cannot roll back more than {self.max_rollback()} positions")
+        self.lengths = self.lengths - n
+
+    def max_rollback(self) -> int:
+        """How far back a row can go and still hold the drafter's W+1 newest positions (linear: all the way)."""
+        if not self.is_ring:
+            return int(self.lengths.min())
+        return self.ring_capacity - self.window - 1
+
+    def _reserve(self, keys: mx.array, values: mx.array, needed: int):
+        B, kv, _, _ = keys.shape
+        size = self.ring_capacity if self.is_ring else -(-needed // GROW_STEP) * GROW_STEP
+        have = 0 if self.keys is None else self.keys.shape[2]
+        if have >= size:
+            return
+        new_k = mx.zeros((B, kv, size, keys.shape[3]), keys.dtype)
+        new_v = mx.zeros((B, kv, size, values.shape[3]), values.dtype)
+        if have:  # amortised growth of the linear buffer (every GROW_STEP tokens), never on the ring
+            new_k[..., :have, :] = self.keys
+            new_v[..., :have, :] = self.values
+        self.keys, self.values = new_k, new_v
+
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+def _put_slots(buffer: mx.array, slots: np.ndarray, new: mx.array) -> mx.array:
+    """buffer[b, :, slots[b, t], :] = new[b, :, t, :], in place when MLX can donate the buffer."""
+    idx = mx.broadcast_to(mx.array(slots, dtype=mx.int32)[:, None, :, None], new.shape)
+    return mx.put_along_axis(buffer, idx, new.astype(buffer.dtype), axis=2)
+
+
+class TargetCache:
+    """The caches of all producer layers of a target (consumer layers own none, spec §1.4).
+
+    `layers[i]` is the cache of producer layer i. `chunk` is the most tokens one forward may write; the sliding
+    rings have capacity `sliding_window + chunk`.
+    """
+
+    def __init__(self, config: TextConfig, batch: int = 1, chunk: int = 256):
+        self.config = config
+        self.chunk = chunk
+        self.window = config.sliding_window
+        self.layers: list[LayerCache] = []
+        for i in range(config.first_shared_layer):
+            ring = None if config.layer_types[i] == FULL else self.window + chunk
+            self.layers.append(LayerCache(batch, ring, self.window))
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.layers[0].lengths
+
+    def rollback(self, n):
+        for c in self.layers:
+            c.rollback(n)
+
+    def max_rollback(self) -> int:
+        return min(c.max_rollback() for c in self.layers)
+
+    def producer(self, layer_type: str) -> LayerCache:
+        """The cache the drafter reads for a layer type (the last producer of that type)."""
+        return self.layers[self.config.producer_for(layer_type)]
+
+    def nbytes(self) -> int:
+        return sum(c.nbytes() for c in self.layers)
+
+    def state(self) -> list[mx.array]:
+        return [a for c in self.layers if c.keys is not None for a in (c.keys, c.values)]
+
+
+def attention_mask(query_start: np.ndarray, T: int, key_pos: np.ndarray, window: int | None) -> mx.array:
+    """Boolean [B, 1, T, S]: query at position q sees keys at 0 <= p <= q (and p > q - window when sliding)."""
+    q = query_start[:, None, None] + np.arange(T)[None, :, None]
+    k = key_pos[:, None, :]
+    ok = (k >= 0) & (k <= q)
+    if window is not None:
+        ok &= k > q - window
+    return mx.array(ok[:, None])

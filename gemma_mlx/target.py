@@ -1,0 +1,223 @@
+"""The Gemma 4 text target (`gemma4_text`, and the `gemma4` wrapper reduced to text), spec §1.
+
+Parameter names are mlx-lm's `gemma4_text.Model` tree, so converted checkpoints load in both. Unlike mlx-lm the
+forward returns (logits, final-norm hidden states), the hidden state being the drafter's input, and it writes the
+`TargetCache` of cache.py: rings with rollback for sliding layers, read in place by the drafter.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.gemma4_text import Experts, Router
+
+from .cache import TargetCache, attention_mask
+from .config import FULL, SLIDING, ConfigError, TextConfig, text_config_of
+
+
+class RoPE(nn.Module):
+    """Non-interleaved RoPE; `proportional` rotates the first p·D/2 pairs with exponents over the full D and
+    leaves the rest unrotated (spec §1.3.4), expressed as `inf` periods."""
+
+    def __init__(self, params: dict, head_dim: int):
+        super().__init__()
+        kind = params.get("rope_type", "default")
+        base, factor = params.get("rope_theta", 10_000.0), params.get("factor", 1.0)
+        self.dims = head_dim
+        if kind == "proportional":
+            pairs = int(params.get("partial_rotary_factor", 1.0) * head_dim // 2)
+            rotated = factor * base ** (mx.arange(0, 2 * pairs, 2, dtype=mx.float32) / head_dim)
+            self._freqs = mx.concatenate([rotated, mx.full((head_dim // 2 - pairs,), mx.inf)])
+        elif kind == "default" and params.get("partial_rotary_factor", 1.0) == 1.0:
+            self._freqs = base ** (mx.arange(0, head_dim, 2, dtype=mx.float32) / head_dim)
+        else:
+            raise ConfigError(f"rope {params} is not supported")
+
+    def __call__(self, x: mx.array, offset: mx.array) -> mx.array:
+        return mx.fast.rope(x, self.dims, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._freqs)
+
+
+class Attention(nn.Module):
+    """Scale 1.0 (q/k are RMS-normalised per head). Producer layers write K/V into their cache; consumer layers
+    (kv-shared, §1.4) attend to their producer's cache and own only q/o projections."""
+
+    def __init__(self, cfg: TextConfig, i: int):
+        super().__init__()
+        self.layer_type = cfg.layer_types[i]
+        self.n_heads, self.head_dim, self.n_kv = cfg.num_attention_heads, cfg.layer_head_dim(i), cfg.layer_kv_heads(i)
+        self.is_producer = i < cfg.first_shared_layer
+        self.k_eq_v = cfg.attention_k_eq_v and self.layer_type == FULL
+        self.eps = cfg.rms_norm_eps
+        H, D = cfg.hidden_size, self.head_dim
+        self.q_proj = nn.Linear(H, self.n_heads * D, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * D, H, bias=False)
+        self.q_norm = nn.RMSNorm(D, eps=self.eps)
+        if self.is_producer:
+            self.k_proj = nn.Linear(H, self.n_kv * D, bias=False)
+            if not self.k_eq_v:
+                self.v_proj = nn.Linear(H, self.n_kv * D, bias=False)
+            self.k_norm = nn.RMSNorm(D, eps=self.eps)
+        self.rope = RoPE(cfg.rope_parameters[self.layer_type], D)
+
+    def __call__(self, x: mx.array, offset: mx.array, cache, mask) -> mx.array:
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).reshape(B, T, self.n_heads, -1)).transpose(0, 2, 1, 3)
+        q = self.rope(q, offset)
+        if self.is_producer:
+            k = self.k_proj(x).reshape(B, T, self.n_kv, -1)
+            v = k if self.k_eq_v else self.v_proj(x).reshape(B, T, self.n_kv, -1)  # k_eq_v: V = raw k_proj output
+            k = self.rope(self.k_norm(k).transpose(0, 2, 1, 3), offset)
+            v = mx.fast.rms_norm(v, None, self.eps).transpose(0, 2, 1, 3)  # v_norm has no weight
+            cache.write(k, v)
+        keys, values = cache.view()
+        o = mx.fast.scaled_dot_product_attention(q, keys, values, scale=1.0, mask=mask)
+        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def __call__(self, x):
+        return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Spec §1.3.3: attention, dense MLP (+ MoE beside it), PLE injection, then `layer_scalar` on the whole stream."""
+
+    def __init__(self, cfg: TextConfig, i: int):
+        super().__init__()
+        H, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.layer_type = cfg.layer_types[i]
+        self.self_attn = Attention(cfg, i)
+        self.mlp = MLP(H, cfg.mlp_size(i))
+        self.input_layernorm = nn.RMSNorm(H, eps=eps)
+        self.post_attention_layernorm = nn.RMSNorm(H, eps=eps)
+        self.pre_feedforward_layernorm = nn.RMSNorm(H, eps=eps)
+        self.post_feedforward_layernorm = nn.RMSNorm(H, eps=eps)
+        self.enable_moe = cfg.enable_moe_block
+        if self.enable_moe:
+            self.router = Router(cfg)
+            self.experts = Experts(cfg)
+            self.pre_feedforward_layernorm_2 = nn.RMSNorm(H, eps=eps)
+            self.post_feedforward_layernorm_1 = nn.RMSNorm(H, eps=eps)
+            self.post_feedforward_layernorm_2 = nn.RMSNorm(H, eps=eps)
+        self.has_ple = bool(cfg.hidden_size_per_layer_input)
+        if self.has_ple:
+            P = cfg.hidden_size_per_layer_input
+            self.per_layer_input_gate = nn.Linear(H, P, bias=False)
+            self.per_layer_projection = nn.Linear(P, H, bias=False)
+            self.post_per_layer_input_norm = nn.RMSNorm(H, eps=eps)
+        self.layer_scalar = mx.ones((1,))
+
+    def __call__(self, h, offset, cache, mask, ple=None):
+        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), offset, cache, mask))
+        r = h
+        f = self.mlp(self.pre_feedforward_layernorm(r))
+        if self.enable_moe:  # router and experts read the residual stream r, not the MLP's normed input (§1.3.5)
+            experts = self.experts(self.pre_feedforward_layernorm_2(r), *self.router(r))
+            f = self.post_feedforward_layernorm_1(f) + self.post_feedforward_layernorm_2(experts)
+        h = r + self.post_feedforward_layernorm(f)
+        if self.has_ple:
+            gate = nn.gelu_approx(self.per_layer_input_gate(h)) * ple
+            h = h + self.post_per_layer_input_norm(self.per_layer_projection(gate))
+        return h * self.layer_scalar
+
+
+class Gemma4TextModel(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = [DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)]
+        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        P = cfg.hidden_size_per_layer_input
+        if P:
+            N = cfg.num_hidden_layers
+            self.embed_tokens_per_layer = nn.Embedding(cfg.vocab_size_per_layer_input, N * P)
+            self.per_layer_model_projection = nn.Linear(cfg.hidden_size, N * P, bias=False)
+            self.per_layer_projection_norm = nn.RMSNorm(P, eps=cfg.rms_norm_eps)
+
+    def embed(self, tokens: mx.array) -> mx.array:
+        """The scaled token embedding E[x]·√H (also the drafter's input, §2.3); the scale rounds to the weight dtype
+        as in HF."""
+        e = self.embed_tokens(tokens)
+        return e * mx.array(math.sqrt(self.cfg.hidden_size), dtype=e.dtype)
+
+    def per_layer_inputs(self, tokens: mx.array, e: mx.array) -> mx.array:
+        """PLE (§1.3.2): [B, T, N, P] = (norm(proj(e)·H^-½) + E_ple[x]·√P)·2^-½."""
+        cfg = self.cfg
+        N, P = cfg.num_hidden_layers, cfg.hidden_size_per_layer_input
+        t = self.embed_tokens_per_layer(tokens)
+        t = (t * mx.array(math.sqrt(P), dtype=t.dtype)).reshape(*tokens.shape, N, P)
+        c = self.per_layer_model_projection(e) * (cfg.hidden_size**-0.5)
+        c = self.per_layer_projection_norm(c.reshape(*tokens.shape, N, P))
+        return (c + t) * (2.0**-0.5)
+
+    def __call__(self, tokens: mx.array, cache: TargetCache) -> mx.array:
+        cfg = self.cfg
+        B, T = tokens.shape
+        start = cache.lengths.copy()
+        offset = mx.array(start, dtype=mx.int32)
+        masks = {t: self._mask(cache, t, start, T) for t in (SLIDING, FULL) if t in cfg.layer_types}
+        h = self.embed(tokens)
+        ple = self.per_layer_inputs(tokens, h) if cfg.hidden_size_per_layer_input else None
+        for i, layer in enumerate(self.layers):
+            c = cache.layers[cfg.kv_source(i)]
+            h = layer(h, offset, c, masks[layer.layer_type], None if ple is None else ple[:, :, i, :])
+        return self.norm(h)
+
+    def _mask(self, cache: TargetCache, layer_type: str, start: np.ndarray, T: int):
+        c = cache.producer(layer_type)
+        after = start + T
+        if layer_type == FULL and T == 1 and (after == after[0]).all():
+            return None  # one query per row at the end of an equally long linear buffer: everything is visible
+        window = cache.window if layer_type == SLIDING else None
+        return attention_mask(start, T, c.positions(after), window)
+
+
+class Target(nn.Module):
+    """The model the user talks to: `(logits, final-norm hidden) = target(tokens, cache)`."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Gemma4TextModel(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def __call__(self, tokens: mx.array, cache: TargetCache, last_only: bool = False):
+        hidden = self.model(tokens, cache)
+        if last_only:
+            hidden = hidden[:, -1:]
+        return self.logits(hidden), hidden
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        out = self.model.embed_tokens.as_linear(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
+        cap = self.config.final_logit_softcapping
+        return out if cap is None else mx.tanh(out / cap) * cap
+
+    def make_cache(self, batch: int = 1, chunk: int = 256) -> TargetCache:
+        return TargetCache(self.config, batch, chunk)
+
+    def prefill(self, tokens: mx.array, cache: TargetCache):
+        """Run a prompt through in chunks of at most `cache.chunk` tokens; returns the last position's
+        (logits, hidden)."""
+        for s in range(0, tokens.shape[1], cache.chunk):
+            logits, hidden = self(tokens[:, s : s + cache.chunk], cache, last_only=True)
+            mx.eval(logits, hidden, cache.state())
+        return logits, hidden
+
+    def sanitize(self, weights: dict) -> dict:
+        """Accept mlx-lm's `gemma4` wrapper layout too (an mlx-community checkpoint: `language_model.model.*`)."""
+        return {k.removeprefix("language_model."): v for k, v in weights.items()}
+
+    @classmethod
+    def from_config_dict(cls, raw: dict) -> "Target":
+        return cls(TextConfig.from_dict(text_config_of(raw)))
