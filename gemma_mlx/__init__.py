@@ -3,3 +3,7 @@
 from ._blas import preload_openblas
 
 preload_openblas()  # before anything imports mlx.core
+
+from .generate import Engine, Generation, LoadError, PairError, Piece, generate, load, stream_generate  # noqa: E402
+
+__all__ = ["Engine", "Generation", "LoadError", "PairError", "Piece", "generate", "load", "stream_generate"]

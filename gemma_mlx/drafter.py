@@ -1,0 +1,144 @@
+"""The Gemma 4 MTP drafter (`gemma4_assistant`, `gemma4_unified_assistant`), spec §2.
+
+It owns no K/V projections and no cache: every layer attends to the target's cache of the last producer layer of
+its type, read in place (§4). One round drafts K tokens from a single position: the query always sits at position
+p = L−1 (§2.6, pitfall 5), the first input is [E_target[x]·√H, target final-norm hidden at L−2] (§2.3), and each
+next step feeds back the drafter's own projected hidden state and its greedy token.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import TargetCache, attention_mask
+from .config import FULL, SLIDING, DrafterConfig
+from .target import DecoderLayer, Target
+
+
+class AssistantModel(nn.Module):
+    def __init__(self, cfg: DrafterConfig):
+        super().__init__()
+        t = cfg.text
+        self.embed_tokens = nn.Embedding(t.vocab_size, t.hidden_size)  # the LM head only (§2.2): never embeds
+        # Every layer is a kv-shared consumer (num_kv_shared_layers == num_hidden_layers): q/o projections only.
+        self.layers = [DecoderLayer(t, i) for i in range(t.num_hidden_layers)]
+        self.norm = nn.RMSNorm(t.hidden_size, eps=t.rms_norm_eps)
+
+
+class MaskedEmbedding(nn.Module):
+    """The centroid head (§2.5): score C centroids, keep the top k_c, score only their V/C tokens each."""
+
+    def __init__(self, cfg: DrafterConfig):
+        super().__init__()
+        self.centroids = nn.Linear(cfg.text.hidden_size, cfg.num_centroids, bias=False)
+        self.token_ordering = mx.zeros((cfg.text.vocab_size,), dtype=mx.int32)
+        self.top_k = cfg.centroid_intermediate_top_k
+        self.num_centroids = cfg.num_centroids
+
+    def candidates(self, h: mx.array, table: nn.Embedding) -> tuple[mx.array, mx.array]:
+        """h [B, d] -> (canonical token ids [B, k_c·V/C], their logits)."""
+        scores = self.centroids(h)
+        top = mx.argpartition(-scores, kth=self.top_k - 1, axis=-1)[:, : self.top_k]  # order irrelevant
+        buckets = self.token_ordering.reshape(self.num_centroids, -1)[top].reshape(h.shape[0], -1)
+        logits = (table(buckets) @ h[:, :, None]).squeeze(-1)  # rows of the tied matrix E_a
+        return buckets, logits
+
+
+class Drafter(nn.Module):
+    def __init__(self, cfg: DrafterConfig):
+        super().__init__()
+        self.config = cfg
+        d, H = cfg.text.hidden_size, cfg.backbone_hidden_size
+        self.pre_projection = nn.Linear(2 * H, d, bias=False)
+        self.post_projection = nn.Linear(d, H, bias=False)
+        self.model = AssistantModel(cfg)
+        if cfg.use_ordered_embeddings:
+            self.masked_embedding = MaskedEmbedding(cfg)
+
+    def step(self, x: mx.array, g: mx.array, offset: mx.array, cache: TargetCache, masks: dict):
+        """One drafter call: x [B, 1] token at position `offset`, g [B, 1, H] -> (h_n [B, d], g' [B, 1, H])."""
+        h = self.pre_projection(mx.concatenate([self._target.model.embed(x), g], axis=-1))
+        for layer in self.model.layers:
+            h = layer(h, offset, cache.producer(layer.layer_type), masks[layer.layer_type])
+        h = self.model.norm(h)
+        return h[:, 0], self.post_projection(h)
+
+    def greedy(self, h: mx.array) -> mx.array:
+        """The drafted token [B] (drafts are greedy at any temperature: spec §2.7, point-mass proposal)."""
+        if not self.config.use_ordered_embeddings:
+            return mx.argmax(self.model.embed_tokens.as_linear(h), axis=-1)
+        buckets, logits = self.masked_embedding.candidates(h, self.model.embed_tokens)
+        return mx.take_along_axis(buckets, mx.argmax(logits, axis=-1)[:, None], axis=-1)[:, 0]
+
+    def full_logits(self, h: mx.array) -> mx.array:
+        """Logits over the whole vocabulary [B, V]; for the centroid head unselected tokens get min(selected) − 1,
+        as HF does (only needed to inspect the drafter, never for drafting)."""
+        if not self.config.use_ordered_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        buckets, logits = self.masked_embedding.candidates(h, self.model.embed_tokens)
+        out = mx.full((h.shape[0], self.config.text.vocab_size), logits.min() - 1.0, dtype=logits.dtype)
+        return mx.put_along_axis(out, buckets, logits, axis=-1)
+
+    def draft(self, x: mx.array, g: mx.array, cache: TargetCache, k: int) -> mx.array:
+        """K greedy drafts [B, K] after token x [B, 1] (not yet in the cache), from g = the target's final-norm
+        hidden at the position before x. Lazy: nothing is evaluated, so drafting and verification form one graph."""
+        masks = self.masks(cache)
+        offset = mx.array(cache.lengths, dtype=mx.int32)  # p = L−1 for every step of the round
+        drafts = []
+        for _ in range(k):
+            h, g = self.step(x, g, offset, cache, masks)
+            x = self.greedy(h)[:, None]
+            drafts.append(x)
+        return mx.concatenate(drafts, axis=1) if drafts else mx.zeros((x.shape[0], 0), mx.int32)
+
+    def masks(self, cache: TargetCache) -> dict:
+        """Clean view of the accepted prefix (§2.6): full layers see positions ≤ L−2 (the whole valid cache),
+        sliding layers the W+1 newest of them (§2.4: one more than the target's own window)."""
+        last = cache.lengths - 1  # position L−2 of each row
+        masks = {}
+        for t in {layer.layer_type for layer in self.model.layers}:
+            c = cache.producer(t)
+            if t == FULL and (cache.lengths == cache.lengths[0]).all():
+                masks[t] = None
+            else:
+                window = self.config.text.sliding_window + 1 if t == SLIDING else None
+                masks[t] = attention_mask(last, 1, c.positions(), window)
+        return masks
+
+    def bind(self, target: Target) -> "Drafter":
+        """Attach the target whose embedding and cache this drafter reads (kept out of the parameter tree)."""
+        check_pair(target, self)
+        object.__setattr__(self, "_target", target)
+        return self
+
+    def sanitize(self, weights: dict) -> dict:
+        return {k: v.astype(mx.int32) if k.endswith("token_ordering") else v for k, v in weights.items()
+                if k != "lm_head.weight"}
+
+    @classmethod
+    def from_config_dict(cls, raw: dict) -> "Drafter":
+        return cls(DrafterConfig.from_dict(raw))
+
+
+class PairError(ValueError):
+    """A drafter that cannot serve this target; the message says why."""
+
+
+def check_pair(target: Target, drafter: Drafter):
+    t, a = target.config, drafter.config
+    if a.backbone_hidden_size != t.hidden_size:
+        raise PairError(f"drafter backbone_hidden_size {a.backbone_hidden_size} != target hidden_size {t.hidden_size}")
+    if a.text.vocab_size != t.vocab_size:
+        raise PairError(f"drafter vocab_size {a.text.vocab_size} != target vocab_size {t.vocab_size}")
+    for layer_type in set(a.text.layer_types):
+        if layer_type not in t.layer_types:
+            raise PairError(f"drafter needs a {layer_type} layer the target does not have")
+        ti, di = t.producer_for(layer_type), a.text.layer_types.index(layer_type)
+        if (t.layer_head_dim(ti), t.layer_kv_heads(ti)) != (a.text.layer_head_dim(di), a.text.layer_kv_heads(di)):
+            raise PairError(f"drafter {layer_type} KV geometry (head_dim, kv_heads) "
+                            f"{(a.text.layer_head_dim(di), a.text.layer_kv_heads(di))} != target's "
+                            f"{(t.layer_head_dim(ti), t.layer_kv_heads(ti))}")
+    if a.text.sliding_window != t.sliding_window:
+        raise PairError(f"drafter sliding_window {a.text.sliding_window} != target's {t.sliding_window}")
+

@@ -1,0 +1,139 @@
+"""The Python API: `load` a target (+ drafter), then `generate` / `stream_generate` text.
+
+    import gemma_mlx
+    engine = gemma_mlx.load("path/to/target", drafter="path/to/assistant")
+    print(gemma_mlx.generate(engine, "Why is the sky blue?", max_tokens=100).text)
+
+An Engine keeps one conversation's cache: a prompt that extends the previous prompt + reply prefills only the new
+tokens (pass `reuse_cache=False` to start from scratch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+from .drafter import Drafter, PairError
+from .loader import LoadError, load_drafter, load_target
+from .sampling import SamplingParams
+from .speculative import DraftLength, Session, Stats, generate_tokens
+from .target import Target
+
+
+@dataclass
+class Engine:
+    target: Target
+    tokenizer: object  # mlx_lm TokenizerWrapper
+    drafter: Optional[Drafter] = None
+    chunk: int = 256
+    session: Session = field(init=False)
+
+    def __post_init__(self):
+        self.session = Session(self.target, self.chunk)
+
+    @property
+    def eos_ids(self) -> frozenset:
+        return frozenset(self.tokenizer.eos_token_ids)
+
+    def encode(self, prompt) -> list[int]:
+        """A string (BOS added), chat messages [{"role", "content"}] (chat template applied), or token ids."""
+        if isinstance(prompt, str):
+            return list(self.tokenizer.encode(prompt))
+        if prompt and isinstance(prompt[0], dict):
+            return list(self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True))
+        return list(prompt)
+
+
+def load(target, drafter=None, dtype: str = "bf16", progress: bool = True) -> Engine:
+    """Load a target and optionally its MTP drafter (a local dir, a converted dir or a hub id). A drafter that does
+    not fit the target (hidden size, vocabulary, KV geometry) is refused with the reason (PairError)."""
+    model, tokenizer, _ = load_target(target, dtype, progress)
+    engine = Engine(model, tokenizer)
+    if drafter is not None:
+        engine.drafter = load_drafter(drafter, model, dtype, progress)
+    return engine
+
+
+@dataclass
+class Piece:
+    """One streamed step: new text (may be empty while a stop string might be starting), its tokens, the stats
+    so far, and why generation finished (None while running; "stop" or "length" at the end)."""
+
+    text: str
+    tokens: list
+    stats: Stats
+    finish_reason: Optional[str] = None
+
+
+@dataclass
+class Generation:
+    text: str
+    tokens: list
+    stats: Stats
+    finish_reason: str
+
+    def __str__(self):
+        return self.text
+
+
+def draft_length(draft_tokens) -> DraftLength:
+    """`"auto"` or a fixed K (0 = plain decoding)."""
+    if draft_tokens in ("auto", None):
+        return DraftLength()
+    return DraftLength(fixed=int(draft_tokens))
+
+
+def stream_generate(engine: Engine, prompt, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+                    top_k: int = 0, min_p: float = 0.0, draft_tokens="auto", stop=(), seed: int | None = None,
+                    reuse_cache: bool = True) -> Iterator[Piece]:
+    params = SamplingParams(temperature, top_p, top_k, min_p)
+    tokens = engine.encode(prompt)
+    if not reuse_cache:
+        engine.session.reset()
+    draft = draft_length(0 if engine.drafter is None and draft_tokens == "auto" else draft_tokens)
+    stops = [s for s in ([stop] if isinstance(stop, str) else stop) if s]
+    detok = engine.tokenizer.detokenizer
+    detok.reset()
+    text, sent, emitted = "", 0, []
+    stream = generate_tokens(engine.target, engine.drafter, engine.session, tokens, max_tokens=max_tokens,
+                             params=params, draft=draft, eos_ids=engine.eos_ids, seed=seed)
+    for new, stats in stream:
+        finish = None
+        for t in new:
+            emitted.append(t)
+            if t in engine.eos_ids:
+                finish = "stop"
+                break
+            detok.add_token(t)
+        if finish is None and stats.generated_tokens >= max_tokens:
+            finish = "length"
+        if finish:
+            detok.finalize()
+        text += detok.last_segment
+        hit = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+        if hit >= 0:
+            text, finish = text[:hit], "stop"
+        safe = len(text) if finish else len(text) - _partial_stop(text, stops)
+        yield Piece(text[sent:safe], new, stats, finish)
+        sent = max(sent, safe)
+        if finish:
+            stream.close()
+            return
+
+
+def _partial_stop(text: str, stops: list) -> int:
+    """Length of the longest end of `text` that could be the start of a stop string (held back while streaming)."""
+    return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])),
+               default=0)
+
+
+def generate(engine: Engine, prompt, **kwargs) -> Generation:
+    """Generate to completion; returns text, tokens, stats and finish reason."""
+    text, tokens, piece = "", [], None
+    for piece in stream_generate(engine, prompt, **kwargs):
+        text += piece.text
+        tokens += piece.tokens
+    return Generation(text, tokens, piece.stats, piece.finish_reason)
+
+
+__all__ = ["Engine", "Generation", "LoadError", "PairError", "Piece", "generate", "load", "stream_generate"]

@@ -1,0 +1,117 @@
+"""Loading: a converted (or already-MLX) checkpoint dir, a Hugging Face dir, or a hub id → target / drafter.
+
+A dir in Hugging Face layout, or a hub id, is converted once into the cache dir (`GEMMA_MLX_HOME`, default
+`~/.cache/gemma-mlx`) and loaded from there afterwards. Weights and quantization are read with mlx-lm's
+`load_model` given our own model classes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import mlx.nn as nn
+from mlx_lm.utils import load_model, load_tokenizer
+
+from .config import ConfigError, DrafterConfig, TextConfig, model_kind, text_config_of
+from .drafter import Drafter
+from .target import Target
+
+
+class LoadError(ValueError):
+    """A model that cannot be loaded; the message is one line for the user."""
+
+
+def cache_home() -> Path:
+    return Path(os.environ.get("GEMMA_MLX_HOME", Path.home() / ".cache" / "gemma-mlx"))
+
+
+def read_config(path: Path) -> dict:
+    try:
+        return json.loads((path / "config.json").read_text())
+    except FileNotFoundError:
+        raise LoadError(f"{path}: no config.json (not a model directory)") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise LoadError(f"{path}/config.json: unreadable ({e})") from None
+
+
+def resolve(source: str | Path, dtype: str = "bf16", progress: bool = True) -> Path:
+    """A loadable MLX dir for `source`: itself if already MLX, else its conversion in the cache dir."""
+    from .convert import convert, is_mlx_checkpoint
+
+    path = Path(source).expanduser()
+    if path.is_dir() and is_mlx_checkpoint(path):
+        return path
+    if not path.is_dir() and (path.exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") != 1):
+        raise LoadError(f"{source}: no such model directory (and not a hub id like 'google/gemma-4-e2b-it')")
+    tag = hashlib.sha256(f"{path.resolve() if path.is_dir() else source}|{dtype}".encode()).hexdigest()[:12]
+    name = (path.name if path.is_dir() else str(source).replace("/", "--")) + f"-{dtype}-{tag}"
+    out = cache_home() / "converted" / name
+    if not (out / "config.json").exists():
+        convert(str(source), out, dtype=dtype, progress=progress)
+    return out
+
+
+class _TargetArgs:
+    @staticmethod
+    def from_dict(raw: dict) -> TextConfig:
+        return TextConfig.from_dict(text_config_of(raw))
+
+
+class _DrafterArgs:
+    from_dict = staticmethod(DrafterConfig.from_dict)
+
+
+def _classes(raw: dict):
+    return (Target, _TargetArgs) if model_kind(raw) == "target" else (Drafter, _DrafterArgs)
+
+
+def load_checkpoint(path: Path) -> nn.Module:
+    """A Target or a Drafter from an MLX dir, whichever its config says."""
+    raw = read_config(path)
+    try:
+        model_kind(raw)
+        model, _ = load_model(path, get_model_classes=_classes)
+    except ConfigError as e:
+        raise LoadError(f"{path}: {e}") from None
+    except (ValueError, FileNotFoundError) as e:
+        raise LoadError(f"{path}: {str(e).splitlines()[0]}") from None
+    return model
+
+
+def eos_ids(path: Path, raw: dict) -> list[int]:
+    """Every end-of-sequence id: config and generation_config (Gemma 4 has several)."""
+    ids = []
+    sources = [raw, text_config_of(raw)]
+    gen = path / "generation_config.json"
+    if gen.exists():
+        sources.append(json.loads(gen.read_text()))
+    for src in sources:
+        e = src.get("eos_token_id")
+        for i in e if isinstance(e, list) else [e]:
+            if isinstance(i, int) and i not in ids:
+                ids.append(i)
+    return ids
+
+
+def load_target(source, dtype: str = "bf16", progress: bool = True):
+    """(Target, tokenizer wrapper, path) for a target source."""
+    path = resolve(source, dtype, progress)
+    model = load_checkpoint(path)
+    if not isinstance(model, Target):
+        raise LoadError(f"{source} is a drafter ({model.config.model_type}), not a target model")
+    try:
+        tokenizer = load_tokenizer(path, eos_token_ids=eos_ids(path, read_config(path)))
+    except Exception as e:  # tokenizers raise many kinds; the user needs the one line
+        raise LoadError(f"{path}: cannot load the tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    return model, tokenizer, path
+
+
+def load_drafter(source, target: Target, dtype: str = "bf16", progress: bool = True) -> Drafter:
+    path = resolve(source, dtype, progress)
+    model = load_checkpoint(path)
+    if not isinstance(model, Drafter):
+        raise LoadError(f"{source} is a target model, not a drafter (gemma4_assistant)")
+    return model.bind(target)

@@ -1,0 +1,266 @@
+"""The speculative loop (spec §2.6): draft K → verify K+1 in one target forward → accept → roll back.
+
+State between rounds, per row: the last emitted token x (position L−1, not yet in the cache), the target's
+final-norm hidden g at position L−2, and the target cache holding positions 0…L−2. A round:
+1. the drafter proposes d_1…d_K from (x, g), reading the cache in place;
+2. the target runs [x, d_1…d_K] at positions L−1…L−1+K, writing K+1 cache entries;
+3. the first n drafts the target agrees with are accepted, plus one token of the target's own (sampling.py);
+4. the cache forgets the K−n rejected positions; x ← last emitted token, g ← target hidden at verify index n.
+Drafting and verification are one lazy graph, evaluated once: one host sync per round. K = 0 is plain decoding.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import numpy as np
+
+from .cache import TargetCache
+from .drafter import Drafter
+from .sampling import SamplingParams, verify_choices
+from .target import Target
+
+K_MAX = 8
+
+
+@dataclass
+class RoundResult:
+    tokens: list[list[int]]  # emitted tokens per row (n_b accepted drafts + 1)
+    drafted: int  # K of this round
+    seconds: float
+
+
+def speculative_round(target: Target, drafter: Drafter | None, cache: TargetCache, x: mx.array, g: mx.array,
+                      k: int, params: SamplingParams, key=None):
+    """One round for every row. x [B, 1] int, g [B, 1, H]. Returns (emitted per row, next x, next g)."""
+    t0 = time.perf_counter()
+    drafts = drafter.draft(x, g, cache, k) if k else mx.zeros((x.shape[0], 0), mx.int32)
+    logits, hidden = target(mx.concatenate([x, drafts.astype(x.dtype)], axis=1), cache)
+    accept, fallback = verify_choices(logits, drafts, params, key)
+    mx.eval(drafts, accept, fallback, hidden)
+    accept, fallback, drafts_np = np.array(accept), np.array(fallback), np.array(drafts)
+    n = np.argmin(np.concatenate([accept, np.zeros((len(accept), 1), bool)], axis=1), axis=1)  # leading Trues
+    cache.rollback(k - n)
+    emitted = [drafts_np[b, : n[b]].tolist() + [int(fallback[b, n[b]])] for b in range(len(n))]
+    next_x = mx.array([[e[-1]] for e in emitted], dtype=x.dtype)
+    next_g = mx.take_along_axis(hidden, mx.array(n, dtype=mx.int32)[:, None, None], axis=1)
+    return RoundResult(emitted, k, time.perf_counter() - t0), next_x, next_g
+
+
+@dataclass
+class Stats:
+    """What a generation did; all counts are for one sequence (batch rows keep one each)."""
+
+    prompt_tokens: int = 0
+    prefill_tokens: int = 0  # prompt tokens actually run (the rest came from the reused prompt cache)
+    generated_tokens: int = 0
+    rounds: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    attempted_by_position: list = field(default_factory=lambda: [0] * K_MAX)
+    accepted_by_position: list = field(default_factory=lambda: [0] * K_MAX)
+    k_history: list = field(default_factory=list)
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+    def record(self, k: int, n_accepted: int):
+        self.rounds += 1
+        self.drafted_tokens += k
+        self.accepted_tokens += n_accepted
+        self.k_history.append(k)
+        for j in range(min(k, n_accepted + 1)):  # position j was reached iff drafts before it were accepted
+            self.attempted_by_position[j] += 1
+            self.accepted_by_position[j] += int(j < n_accepted)
+
+    @property
+    def time_to_first_token(self) -> float:
+        return self.prefill_seconds
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decode speed: tokens after the first over the time of the rounds that made them."""
+        return (self.generated_tokens - 1) / self.decode_seconds if self.decode_seconds else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens emitted per decode round (1.0 = plain decoding)."""
+        return (self.accepted_tokens + self.rounds) / self.rounds if self.rounds else 0.0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+    @property
+    def acceptance_by_position(self) -> list:
+        return [a / n for a, n in zip(self.accepted_by_position, self.attempted_by_position) if n]
+
+    @property
+    def k_last(self) -> int:
+        return self.k_history[-1] if self.k_history else 0
+
+    def as_dict(self) -> dict:
+        return dict(prompt_tokens=self.prompt_tokens, prefill_tokens=self.prefill_tokens,
+                    generated_tokens=self.generated_tokens, rounds=self.rounds, drafted_tokens=self.drafted_tokens,
+                    accepted_tokens=self.accepted_tokens, mean_accepted_length=self.mean_accepted_length,
+                    acceptance=self.acceptance, acceptance_by_position=self.acceptance_by_position,
+                    k_history=self.k_history, time_to_first_token=self.time_to_first_token,
+                    tokens_per_second=self.tokens_per_second, prefill_seconds=self.prefill_seconds,
+                    decode_seconds=self.decode_seconds)
+
+
+class DraftLength:
+    """Chooses K each round. Fixed, or auto: pick the K maximising expected tokens per second,
+
+        E(K) / T(K),   E(K) = 1 + Σ_{j≤K} Π_{i≤j} a_i,
+
+    with a_i the (decayed) acceptance rate of draft position i given the ones before were accepted and T(K) the
+    measured round time, fitted as c0 + c1·K over the K values seen. K = 0 (plain decoding) whenever drafting does
+    not pay; then every `probe_every` rounds one K = 1 round keeps a_1 up to date.
+    """
+
+    def __init__(self, fixed: int | None = None, k_max: int = 7, start: int = 3, probe_every: int = 32):
+        if fixed is not None and not 0 <= fixed <= K_MAX:
+            raise ValueError(f"draft length must be in 0..{K_MAX}, got {fixed}")
+        self.fixed, self.k_max, self.start, self.probe_every = fixed, k_max, start, probe_every
+        self.hits = np.full(k_max, 1.2)  # prior: acceptance 0.6 with weight 2, so drafting gets tried
+        self.tries = np.full(k_max, 2.0)
+        self.time_sum = np.zeros(k_max + 1)
+        self.time_n = np.zeros(k_max + 1)
+        self.rounds = 0
+        self.plain_streak = 0
+
+    def choose(self) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        if self.rounds < 2:
+            return self.start
+        if self.time_n[0] == 0:
+            return 0  # measure the plain step once
+        best = self.best()
+        if best == 0:
+            self.plain_streak += 1
+            if self.plain_streak % self.probe_every == 0:
+                return 1
+        else:
+            self.plain_streak = 0
+        return best
+
+    def best(self) -> int:
+        a = self.hits / self.tries
+        expected = 1 + np.concatenate([[0.0], np.cumsum(np.cumprod(a))])
+        cost = self.round_time(np.arange(self.k_max + 1))
+        return int(np.argmax(expected / cost))
+
+    def round_time(self, k: np.ndarray) -> np.ndarray:
+        seen = self.time_n > 0
+        ks, mean = np.nonzero(seen)[0], self.time_sum[seen] / self.time_n[seen]
+        if len(ks) == 1:
+            return np.full(len(k), mean[0])
+        c1, c0 = np.polyfit(ks, mean, 1, w=np.sqrt(self.time_n[seen]))
+        return np.maximum(c0 + c1 * k, 1e-9)
+
+    def update(self, k: int, n_accepted: int, seconds: float, decay: float = 0.98):
+        self.rounds += 1
+        if k:
+            self.hits *= decay
+            self.tries *= decay
+            reached = min(k, n_accepted + 1)
+            self.tries[:reached] += 1
+            self.hits[:n_accepted] += 1
+        self.time_sum[k] = self.time_sum[k] * decay + seconds
+        self.time_n[k] = self.time_n[k] * decay + 1
+
+
+class Session:
+    """A target cache and the tokens it holds, reused across turns: a prompt that extends what the cache holds
+    prefills only the new tokens."""
+
+    def __init__(self, target: Target, chunk: int = 256):
+        self.target = target
+        self.chunk = chunk
+        self.reset()
+
+    def reset(self):
+        self.cache = self.target.make_cache(1, self.chunk)
+        self.tokens: list[int] = []
+
+    def prefill(self, prompt: list[int]):
+        """Bring the cache to `prompt` (reusing the longest common prefix) and return the last position's
+        (logits, hidden) and how many tokens were run."""
+        if not prompt:
+            raise ValueError("empty prompt")
+        common = 0
+        for a, b in zip(self.tokens, prompt):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(prompt) - 1)  # always run at least one token to get its logits
+        back = len(self.tokens) - common
+        if back > self.cache.max_rollback():
+            self.reset()
+            common = 0
+        elif back:
+            self.cache.rollback(back)
+        self.tokens = prompt[:common]
+        logits, hidden = self.target.prefill(mx.array([prompt[common:]]), self.cache)
+        self.tokens = list(prompt)
+        return logits, hidden, len(prompt) - common
+
+    def extend(self, tokens: list[int]):
+        """Tokens the decode rounds wrote into the cache."""
+        self.tokens.extend(tokens)
+
+    def truncate(self, n: int):
+        """Drop the last n cached tokens (emitted tokens past a stop)."""
+        if n:
+            self.cache.rollback(n)
+            del self.tokens[len(self.tokens) - n:]
+
+
+def generate_tokens(target: Target, drafter: Drafter | None, session: Session, prompt: list[int], *,
+                    max_tokens: int, params: SamplingParams = SamplingParams(), draft: DraftLength | None = None,
+                    eos_ids: frozenset = frozenset(), seed: int | None = None):
+    """Yield (new tokens, stats) after the prefill and after every round, until EOS or max_tokens (an exact cap).
+
+    The cache ends holding the prompt and every emitted token but the last, so the next prompt of a conversation
+    reuses it (Session.prefill)."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    draft = draft or DraftLength(fixed=0 if drafter is None else None)
+    if drafter is None and (draft.fixed or 0) > 0:
+        raise ValueError("draft tokens requested but no drafter is loaded")
+    key = mx.random.key(seed if seed is not None else int(time.time_ns() % 2**31))
+    stats = Stats(prompt_tokens=len(prompt))
+    t0 = time.perf_counter()
+    logits, g, stats.prefill_tokens = session.prefill(prompt)
+    key, sub = mx.random.split(key)
+    _, first = verify_choices(logits, mx.zeros((1, 0), mx.int32), params, sub)
+    x = first.astype(mx.int32)
+    token = int(x.item())
+    stats.prefill_seconds = time.perf_counter() - t0
+    stats.generated_tokens = 1
+    yield [token], stats
+    if token in eos_ids or max_tokens == 1:
+        return
+    while True:
+        remaining = max_tokens - stats.generated_tokens
+        k = 0 if drafter is None else min(draft.choose(), remaining - 1)
+        key, sub = mx.random.split(key)
+        result, x, g = speculative_round(target, drafter, session.cache, x, g, k, params, sub)
+        new = result.tokens[0]
+        n = len(new) - 1
+        draft.update(k, n, result.seconds)
+        stats.record(k, n)
+        stats.decode_seconds += result.seconds
+        session.extend([token] + new[:-1])  # the cache now holds the previous last token and the accepted drafts
+        stop = next((i for i, t in enumerate(new) if t in eos_ids), None)
+        if stop is not None:
+            session.truncate(len(new) - 1 - stop)
+            new = new[: stop + 1]
+        stats.generated_tokens += len(new)
+        token = new[-1]
+        yield new, stats
+        if stop is not None or stats.generated_tokens >= max_tokens:
+            return
