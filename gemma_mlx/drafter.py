@@ -58,7 +58,11 @@ class Drafter(nn.Module):
 
     def step(self, x: mx.array, g: mx.array, offset: mx.array, cache: TargetCache, masks: dict):
         """One drafter call: x [B, 1] token at position `offset`, g [B, 1, H] -> (h_n [B, d], g' [B, 1, H])."""
-        h = self.pre_projection(mx.concatenate([self._target.model.embed(x), g], axis=-1))
+        return self.forward(mx.concatenate([self._target.model.embed(x), g], axis=-1), offset, cache, masks)
+
+    def forward(self, u: mx.array, offset: mx.array, cache: TargetCache, masks: dict):
+        """The assistant forward (§2.3) from its input u = [E_target[x]·√H, g] ([B, 1, 2H])."""
+        h = self.pre_projection(u)
         for layer in self.model.layers:
             h = layer(h, offset, cache.producer(layer.layer_type), masks[layer.layer_type])
         h = self.model.norm(h)

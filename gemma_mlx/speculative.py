@@ -32,21 +32,39 @@ class RoundResult:
     seconds: float
 
 
-def speculative_round(target: Target, drafter: Drafter | None, cache: TargetCache, x: mx.array, g: mx.array,
-                      k: int, params: SamplingParams, key=None):
-    """One round for every row. x [B, 1] int, g [B, 1, H]. Returns (emitted per row, next x, next g)."""
-    t0 = time.perf_counter()
-    drafts = drafter.draft(x, g, cache, k) if k else mx.zeros((x.shape[0], 0), mx.int32)
-    logits, hidden = target(mx.concatenate([x, drafts.astype(x.dtype)], axis=1), cache)
-    accept, fallback = verify_choices(logits, drafts, params, key)
-    mx.eval(drafts, accept, fallback, hidden)
-    accept, fallback, drafts_np = np.array(accept), np.array(fallback), np.array(drafts)
-    n = np.argmin(np.concatenate([accept, np.zeros((len(accept), 1), bool)], axis=1), axis=1)  # leading Trues
-    cache.rollback(k - n)
-    emitted = [drafts_np[b, : n[b]].tolist() + [int(fallback[b, n[b]])] for b in range(len(n))]
-    next_x = mx.array([[e[-1]] for e in emitted], dtype=x.dtype)
-    next_g = mx.take_along_axis(hidden, mx.array(n, dtype=mx.int32)[:, None, None], axis=1)
-    return RoundResult(emitted, k, time.perf_counter() - t0), next_x, next_g
+class Round:
+    """One round for every row, in flight: the draft + verify graph is built lazily and evaluated asynchronously;
+    `finish` reads it (the one host sync), accepts and rolls the cache back. x [B, 1] int, g [B, 1, H]."""
+
+    def __init__(self, target: Target, drafter: Drafter | None, cache: TargetCache, x: mx.array, g: mx.array,
+                 k: int, params: SamplingParams, key=None):
+        self.cache, self.k, self.started = cache, k, time.perf_counter()
+        self.drafts = drafter.draft(x, g, cache, k) if k else mx.zeros((x.shape[0], 0), mx.int32)
+        logits, self.hidden = target(mx.concatenate([x, self.drafts.astype(x.dtype)], axis=1), cache)
+        self.accept, self.fallback = verify_choices(logits, self.drafts, params, key)
+        mx.async_eval(self.drafts, self.accept, self.fallback, self.hidden)
+
+    def plain_next(self):
+        """With K = 0 nothing is rejected, so the next (x, g) are known lazily: the next round can be queued before
+        this one is read (how plain decoding hides graph building, as mlx-lm does)."""
+        assert self.k == 0
+        return self.fallback.astype(mx.int32), self.hidden
+
+    def finish(self, since: float = 0.0):
+        """Returns (RoundResult, next x, next g); `since`: when the previous round finished (for the timing)."""
+        accept, fallback, drafts = np.array(self.accept), np.array(self.fallback), np.array(self.drafts)
+        n = np.argmin(np.concatenate([accept, np.zeros((len(accept), 1), bool)], axis=1), axis=1)  # leading Trues
+        self.cache.rollback(self.k - n)
+        emitted = [drafts[b, : n[b]].tolist() + [int(fallback[b, n[b]])] for b in range(len(n))]
+        next_x = mx.array([[e[-1]] for e in emitted], dtype=mx.int32)
+        next_g = mx.take_along_axis(self.hidden, mx.array(n, dtype=mx.int32)[:, None, None], axis=1)
+        seconds = time.perf_counter() - max(self.started, since)
+        return RoundResult(emitted, self.k, seconds), next_x, next_g
+
+
+def speculative_round(target, drafter, cache, x, g, k, params, key=None):
+    """Draft, verify, accept and roll back, synchronously."""
+    return Round(target, drafter, cache, x, g, k, params, key).finish()
 
 
 @dataclass
@@ -62,6 +80,7 @@ class Stats:
     attempted_by_position: list = field(default_factory=lambda: [0] * K_MAX)
     accepted_by_position: list = field(default_factory=lambda: [0] * K_MAX)
     k_history: list = field(default_factory=list)
+    accepted_history: list = field(default_factory=list)  # n accepted drafts per round
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
 
@@ -70,6 +89,7 @@ class Stats:
         self.drafted_tokens += k
         self.accepted_tokens += n_accepted
         self.k_history.append(k)
+        self.accepted_history.append(n_accepted)
         for j in range(min(k, n_accepted + 1)):  # position j was reached iff drafts before it were accepted
             self.attempted_by_position[j] += 1
             self.accepted_by_position[j] += int(j < n_accepted)
@@ -191,6 +211,7 @@ class Session:
         (logits, hidden) and how many tokens were run."""
         if not prompt:
             raise ValueError("empty prompt")
+        prompt = [int(t) for t in prompt]
         common = 0
         for a, b in zip(self.tokens, prompt):
             if a != b:
@@ -244,23 +265,39 @@ def generate_tokens(target: Target, drafter: Drafter | None, session: Session, p
     yield [token], stats
     if token in eos_ids or max_tokens == 1:
         return
-    while True:
-        remaining = max_tokens - stats.generated_tokens
-        k = 0 if drafter is None else min(draft.choose(), remaining - 1)
-        key, sub = mx.random.split(key)
-        result, x, g = speculative_round(target, drafter, session.cache, x, g, k, params, sub)
-        new = result.tokens[0]
-        n = len(new) - 1
-        draft.update(k, n, result.seconds)
-        stats.record(k, n)
-        stats.decode_seconds += result.seconds
-        session.extend([token] + new[:-1])  # the cache now holds the previous last token and the accepted drafts
-        stop = next((i for i, t in enumerate(new) if t in eos_ids), None)
-        if stop is not None:
-            session.truncate(len(new) - 1 - stop)
-            new = new[: stop + 1]
-        stats.generated_tokens += len(new)
-        token = new[-1]
-        yield new, stats
-        if stop is not None or stats.generated_tokens >= max_tokens:
-            return
+    queued, planned, finished_at = None, None, time.perf_counter()
+    try:
+        while True:
+            left = max_tokens - stats.generated_tokens
+            if queued is None:
+                k = 0 if drafter is None else min(draft.choose() if planned is None else planned, left - 1)
+                key, sub = mx.random.split(key)
+                current = Round(target, drafter, session.cache, x, g, k, params, sub)
+            else:
+                current, queued = queued, None
+            planned = None
+            if current.k == 0 and left > 1:
+                planned = 0 if drafter is None else draft.choose()
+                if planned == 0:
+                    key, sub = mx.random.split(key)
+                    queued = Round(target, drafter, session.cache, *current.plain_next(), 0, params, sub)
+            result, x, g = current.finish(finished_at)
+            finished_at = time.perf_counter()
+            new = result.tokens[0]
+            n = len(new) - 1
+            draft.update(current.k, n, result.seconds)
+            stats.record(current.k, n)
+            stats.decode_seconds += result.seconds
+            session.extend([token] + new[:-1])  # the cache now holds the previous last token and accepted drafts
+            stop = next((i for i, t in enumerate(new) if t in eos_ids), None)
+            if stop is not None:
+                session.truncate(len(new) - 1 - stop)
+                new = new[: stop + 1]
+            stats.generated_tokens += len(new)
+            token = new[-1]
+            yield new, stats
+            if stop is not None or stats.generated_tokens >= max_tokens:
+                return
+    finally:
+        if queued is not None:  # a plain round queued past the end wrote one position the session never emitted
+            session.cache.rollback(1)

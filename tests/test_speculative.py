@@ -1,0 +1,271 @@
+"""The MTP engine against the transformers oracle: lossless greedy (spec §2.6), drafter parity (§2.3-2.5, §7.3),
+exact sampling (§2.7), no drafter KV memory (§4), stops, prompt-cache reuse, auto draft length."""
+
+import gemma_mlx  # noqa: F401
+import mlx.core as mx
+import numpy as np
+import pytest
+from oracle import hf_drafter_call, hf_embed_scaled, hf_forward, hf_greedy, hf_shared_kv
+
+from bench.controlled import ControlledDrafter
+from gemma_mlx.cache import LayerCache
+from gemma_mlx.config import FULL, SLIDING
+from gemma_mlx.drafter import PairError, check_pair
+from gemma_mlx.sampling import SamplingParams
+from gemma_mlx.speculative import DraftLength, Session, generate_tokens
+
+W = 8  # sliding window of the oracle models
+VARIANTS = ["plain", "nosoftcap", "kvshared", "ple", "moe", "keqv", "e2blike", "mm"]
+PROMPTS = {"short": [2, 17, 301, 44, 9], "long": [2] + list(np.random.default_rng(3).integers(3, 512, 19))}
+NEW = 3 * W + 2
+
+
+def run(target, drafter, ids, k, max_tokens=NEW, chunk=8, **kw):
+    session = Session(target, chunk=chunk)
+    out, stats = [], None
+    draft = DraftLength(fixed=k) if k != "auto" else DraftLength()
+    for new, stats in generate_tokens(target, drafter, session, [int(i) for i in ids], max_tokens=max_tokens,
+                                      draft=draft, **kw):
+        out += new
+    return out, stats, session
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("ordered", [False, True], ids=["dense", "centroid"])
+def test_speculative_greedy_is_token_identical_to_plain_greedy(variant, ordered, pair, hf_dir):
+    target, drafter = pair(variant, ordered)
+    outcomes = set()
+    for name, ids in PROMPTS.items():
+        expected = hf_greedy(hf_dir(variant), [int(i) for i in ids], NEW)
+        plain, _, _ = run(target, None, ids, 0)
+        assert plain == expected, f"plain greedy differs from transformers ({name})"
+        reference = [list(map(int, ids)) + expected]
+        for k in (1, 2, 4, 7, "auto"):
+            controlled = ControlledDrafter(drafter, reference, alpha=0.7, seed=hash((variant, name, str(k))) % 2**31)
+            out, stats, _ = run(target, controlled, ids, k)
+            assert out == expected, f"K={k} prompt={name}: speculative output differs from greedy"
+            for k_used, n in zip(stats.k_history, stats.accepted_history):
+                if k_used:
+                    outcomes.add("full" if n == k_used else "zero" if n == 0 else "partial")
+    assert outcomes == {"full", "partial", "zero"}
+
+
+@pytest.mark.parametrize("variant", ["plain", "keqv", "e2blike"])
+@pytest.mark.parametrize("ordered", [False, True], ids=["dense", "centroid"])
+def test_drafter_matches_transformers_on_replayed_kv(variant, ordered, pair, hf_dir, hf_drafter_dir):
+    """Feed HF's own inputs and shared K/V (§7.3 replay) to our drafter for three chained steps."""
+    target, drafter = pair(variant, ordered)
+    ids = [int(i) for i in PROMPTS["long"]]
+    kv = hf_shared_kv(hf_dir(variant), ids[:-1])  # the cache holds positions 0..L-2
+    _, hidden = hf_forward(hf_dir(variant), ids[:-1])
+    u = np.concatenate([hf_embed_scaled(hf_dir(variant), ids[-1]), hidden[-1]])[None, None]
+    cache = _replay_cache(kv)
+    masks = drafter.masks(cache)
+    p = len(ids) - 1
+    for step in range(3):
+        ref_logits, ref_hidden = hf_drafter_call(hf_drafter_dir(variant, ordered), u, p, kv)
+        h, g = drafter.forward(mx.array(u.astype(np.float32)), mx.array([p]), cache, masks)
+        logits = np.array(drafter.full_logits(h))[0]
+        assert np.abs(logits - ref_logits).max() < 1e-4
+        assert logits.argmax() == ref_logits.argmax()
+        assert np.abs(np.array(g)[0, 0] - ref_hidden).max() < 1e-4
+        assert int(np.array(drafter.greedy(h))[0]) == int(ref_logits.argmax())
+        nxt = int(ref_logits.argmax())
+        u = np.concatenate([hf_embed_scaled(hf_dir(variant), nxt), ref_hidden])[None, None]
+
+
+class _ReplayCache:
+    """HF's shared K/V as a (linear) target cache, so the drafter reads them exactly as it reads ours."""
+
+    def __init__(self, kv):
+        self.by_type = {}
+        for t, (k, v) in kv.items():
+            c = LayerCache(batch=1)
+            c.keys, c.values = mx.array(k), mx.array(v)
+            c.lengths = np.array([k.shape[2]])
+            self.by_type[t] = c
+        self.lengths = self.by_type[FULL].lengths
+
+    def producer(self, layer_type):
+        return self.by_type[layer_type]
+
+
+def _replay_cache(kv):
+    assert set(kv) == {FULL, SLIDING}
+    return _ReplayCache(kv)
+
+
+def test_drafter_allocates_no_kv_memory(pair):
+    target, drafter = pair("e2blike", True)
+    ids = PROMPTS["long"]
+    _, _, with_drafter = run(target, ControlledDrafter(drafter, [list(ids) + [0] * 64], 0.5), ids, 4)
+    _, _, without = run(target, None, ids, 0)
+    assert with_drafter.cache.nbytes() == without.cache.nbytes() > 0
+    assert not any("cache" in name for name, _ in _named_arrays(drafter))
+
+
+def _named_arrays(module):
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(module.parameters())
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, 7])
+def test_max_tokens_is_an_exact_cap(k, pair, hf_dir):
+    target, drafter = pair("plain", False)
+    ids = [int(i) for i in PROMPTS["short"]]
+    expected = hf_greedy(hf_dir("plain"), ids, 13)
+    for cap in (1, 2, 5, 13):
+        out, stats, _ = run(target, ControlledDrafter(drafter, [ids + expected], 1.0), ids, k, max_tokens=cap)
+        assert out == expected[:cap] and stats.generated_tokens == cap
+
+
+def test_every_eos_id_stops_generation(pair, hf_dir):
+    target, drafter = pair("plain", False)
+    ids = [int(i) for i in PROMPTS["long"]]
+    expected = hf_greedy(hf_dir("plain"), ids, NEW)
+    eos = expected[9]
+    first = expected.index(eos)
+    for k in (0, 4):
+        out, _, session = run(target, ControlledDrafter(drafter, [ids + expected], 0.9), ids, k,
+                              eos_ids=frozenset({12345, eos}))
+        assert out == expected[: first + 1]
+        assert session.tokens == ids + out[:-1]  # the cache holds what was emitted, nothing past the stop
+        assert session.cache.lengths.tolist() == [len(session.tokens)]
+
+
+def test_follow_up_prompt_prefills_only_new_tokens(pair):
+    target, drafter = pair("e2blike", False)
+    ids = [int(i) for i in PROMPTS["long"]]
+    session = Session(target, chunk=8)
+    first = [t for new, _ in generate_tokens(target, drafter, session, ids, max_tokens=12,
+                                             draft=DraftLength(fixed=3)) for t in new]
+    follow = ids + first + [7, 8, 9, 10]
+    second, stats = [], None
+    for new, stats in generate_tokens(target, drafter, session, follow, max_tokens=12, draft=DraftLength(fixed=3)):
+        second += new
+    assert stats.prefill_tokens == 5  # the last reply token was never in the cache, plus the 4 new ones
+    fresh, _, _ = run(target, None, follow, 0, max_tokens=12)
+    assert second == fresh
+    # a prompt that diverges inside the cached text rolls back to the common prefix
+    edited = ids[:-2] + [5, 6]
+    third = [t for new, stats in generate_tokens(target, drafter, session, edited, max_tokens=6,
+                                                 draft=DraftLength(fixed=2)) for t in new]
+    assert third == run(target, None, edited, 0, max_tokens=6)[0]
+
+
+def test_auto_draft_length_stops_drafting_when_it_never_pays(pair):
+    target, drafter = pair("plain", False)
+    ids = PROMPTS["short"]
+    never_right = ControlledDrafter(drafter, [[0] * 200], alpha=0.0)  # its own random drafts: ~never accepted
+    _, stats, _ = run(target, never_right, ids, "auto", max_tokens=120)
+    tail = stats.k_history[20:]
+    assert sum(k == 0 for k in tail) >= 0.9 * len(tail)
+
+
+def test_auto_draft_length_drafts_when_drafts_are_right(pair, hf_dir):
+    target, drafter = pair("plain", False)
+    ids = [int(i) for i in PROMPTS["short"]]
+    expected = hf_greedy(hf_dir("plain"), ids, 80)
+    out, stats, _ = run(target, ControlledDrafter(drafter, [ids + expected], 0.95), ids, "auto", max_tokens=80)
+    assert out == expected
+    assert np.mean(stats.k_history[3:]) >= 2
+    assert stats.mean_accepted_length > 2
+
+
+def test_mismatched_pair_is_refused_with_the_reason(pair):
+    target, _ = pair("plain", False)
+    _, other = pair("e2blike", False)
+    other.config.backbone_hidden_size = 999
+    with pytest.raises(PairError, match="backbone_hidden_size 999"):
+        check_pair(target, other)
+    other.config.backbone_hidden_size = target.config.hidden_size
+
+
+# --- sampling exactness (§2.7) -----------------------------------------------------------------------------
+
+
+def _first_tokens(target, drafter, ids, params, rows, k, seed, rule=None):
+    """The first 3 sampled tokens of `rows` independent generations, run as one batch."""
+    from gemma_mlx.speculative import speculative_round
+
+    cache = target.make_cache(rows, chunk=8)
+    prompt = mx.array([ids] * rows)
+    for s in range(0, len(ids), 8):
+        logits, hidden = target(prompt[:, s:s + 8], cache, last_only=True)
+    key = mx.random.key(seed)
+    from gemma_mlx.sampling import verify_choices
+
+    key, sub = mx.random.split(key)
+    _, first = verify_choices(logits, mx.zeros((rows, 0), mx.int32), params, sub)
+    x, g = first.astype(mx.int32), hidden
+    out = [[int(t)] for t in np.array(first)[:, 0]]
+    while min(len(o) for o in out) < 3:
+        key, sub = mx.random.split(key)
+        res, x, g = speculative_round(target, drafter, cache, x, g, k, params, sub) if rule is None else \
+            rule(target, drafter, cache, x, g, k, params, sub)
+        for o, new in zip(out, res.tokens):
+            o.extend(new)
+    return np.array([o[:3] for o in out])
+
+
+def _chi2_two_sample(a, b):
+    """p-value of a chi-square test that two samples of categories come from one distribution."""
+    import torch
+
+    cats = np.union1d(a, b)
+    ca = np.array([(a == c).sum() for c in cats], float)
+    cb = np.array([(b == c).sum() for c in cats], float)
+    keep = (ca + cb) >= 10  # pool rare categories
+    ca = np.append(ca[keep], ca[~keep].sum())
+    cb = np.append(cb[keep], cb[~keep].sum())
+    table = np.stack([ca, cb])
+    table = table[:, table.sum(0) > 0]
+    exp = table.sum(1, keepdims=True) * table.sum(0, keepdims=True) / table.sum()
+    stat = ((table - exp) ** 2 / exp).sum()
+    dof = table.shape[1] - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
+                                         torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+def _hf_rule_round(target, drafter, cache, x, g, k, params, key):
+    """transformers' rule (spec §2.7): accept with min(1, p/q), q = softmax(raw drafter logits). Inexact."""
+    from gemma_mlx.sampling import processed_logits
+    from gemma_mlx.speculative import RoundResult
+
+    drafts = drafter.draft(x, g, cache, k)
+    logits, hidden = target(mx.concatenate([x, drafts.astype(x.dtype)], axis=1), cache)
+    p = mx.softmax(processed_logits(logits, params), axis=-1)
+    q = mx.full(p[:, :k].shape, 1.0 / p.shape[-1])  # a random drafter's raw distribution is ~uniform
+    pd = mx.take_along_axis(p[:, :k], drafts[..., None].astype(mx.int32), axis=-1)[..., 0]
+    qd = mx.take_along_axis(q, drafts[..., None].astype(mx.int32), axis=-1)[..., 0]
+    k1, k2 = mx.random.split(key)
+    accept = mx.random.uniform(shape=pd.shape, key=k1) < mx.minimum(1.0, pd / qd)
+    resid = mx.maximum(p[:, :k] - q, 0)
+    fallback = mx.random.categorical(mx.log(mx.concatenate([resid, p[:, k:]], axis=1) + 1e-30), key=k2)
+    mx.eval(drafts, accept, fallback, hidden)
+    a, f, d = np.array(accept), np.array(fallback), np.array(drafts)
+    n = np.argmin(np.concatenate([a, np.zeros((len(a), 1), bool)], axis=1), axis=1)
+    cache.rollback(k - n)
+    emitted = [d[b, :n[b]].tolist() + [int(f[b, n[b]])] for b in range(len(n))]
+    nx = mx.array([[e[-1]] for e in emitted], dtype=x.dtype)
+    ng = mx.take_along_axis(hidden, mx.array(n, dtype=mx.int32)[:, None, None], axis=1)
+    return RoundResult(emitted, k, 0.0), nx, ng
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.7), SamplingParams(temperature=1.0, top_p=0.9)],
+                         ids=["t0.7", "top_p0.9"])
+def test_speculative_sampling_is_distributed_like_plain_sampling(params, pair, hf_dir):
+    target, drafter = pair("plain", False)
+    ids = [int(i) for i in PROMPTS["short"]]
+    greedy = hf_greedy(hf_dir("plain"), ids, 8)
+    rows = 2500
+    plain = np.concatenate([_first_tokens(target, None, ids, params, rows, 0, seed=s) for s in range(8)])
+    controlled = ControlledDrafter(drafter, [ids + greedy] * rows, alpha=0.8)
+    spec = np.concatenate([_first_tokens(target, controlled, ids, params, rows, 3, seed=100 + s) for s in range(8)])
+    for pos in range(3):
+        assert _chi2_two_sample(plain[:, pos], spec[:, pos]) > 0.01, f"token {pos + 1} distribution differs"
+    hf_rule = np.concatenate([_first_tokens(target, controlled, ids, params, rows, 3, seed=200 + s,
+                                            rule=_hf_rule_round) for s in range(8)])
+    assert min(_chi2_two_sample(plain[:, pos], hf_rule[:, pos]) for pos in range(3)) < 0.01
