@@ -64,8 +64,8 @@ class _DrafterArgs:
     from_dict = staticmethod(DrafterConfig.from_dict)
 
 
-def _classes(raw: dict):
-    return (Target, _TargetArgs) if model_kind(raw) == "target" else (Drafter, _DrafterArgs)
+def _classes(config: dict):
+    return (Target, _TargetArgs) if model_kind(config) == "target" else (Drafter, _DrafterArgs)
 
 
 def load_checkpoint(path: Path) -> nn.Module:

@@ -5,7 +5,7 @@ import gemma_mlx  # noqa: F401
 import mlx.core as mx
 import numpy as np
 import pytest
-from oracle import hf_drafter_call, hf_embed_scaled, hf_forward, hf_greedy, hf_shared_kv
+from hf_reference import hf_drafter_call, hf_embed_scaled, hf_forward, hf_greedy, hf_shared_kv
 
 from bench.controlled import ControlledDrafter
 from gemma_mlx.cache import LayerCache
@@ -16,7 +16,7 @@ from gemma_mlx.speculative import DraftLength, Session, generate_tokens
 
 W = 8  # sliding window of the oracle models
 VARIANTS = ["plain", "nosoftcap", "kvshared", "ple", "moe", "keqv", "e2blike", "mm"]
-PROMPTS = {"short": [2, 17, 301, 44, 9], "long": [2] + list(np.random.default_rng(3).integers(3, 512, 19))}
+PROMPTS = {"short": [2, 17, 301, 44, 9], "long": [2] + list(np.random.default_rng(3).integers(3, 500, 19))}
 NEW = 3 * W + 2
 
 

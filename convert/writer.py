@@ -1,0 +1,75 @@
+"""Writing a converted checkpoint: shards of at most 5 GB with an index, into a temp dir renamed at the end, so an
+interrupted or failed conversion never leaves a dir that looks complete."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+
+MAX_SHARD_BYTES = 5 * 1024**3
+
+
+class ShardWriter:
+    """Collects tensors and writes a shard each time the next tensor would push it past the limit."""
+
+    def __init__(self, out: Path, max_bytes: int = MAX_SHARD_BYTES):
+        self.out, self.max_bytes = Path(out), max_bytes
+        self.pending: dict[str, mx.array] = {}
+        self.pending_bytes = 0
+        self.shards: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, value: mx.array):
+        mx.eval(value)
+        if self.pending and self.pending_bytes + value.nbytes > self.max_bytes:
+            self.flush()
+        self.pending[name] = value
+        self.pending_bytes += value.nbytes
+        self.total_bytes += value.nbytes
+
+    def flush(self):
+        if not self.pending:
+            return
+        self.shards.append(list(self.pending))
+        mx.save_safetensors(str(self.out / f"shard-{len(self.shards):05d}.safetensors"), self.pending,
+                            metadata={"format": "mlx"})
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self):
+        """Name the shards model-0000i-of-0000n.safetensors and write the index."""
+        self.flush()
+        n = len(self.shards)
+        weight_map = {}
+        for i, names in enumerate(self.shards, 1):
+            final = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+            os.replace(self.out / f"shard-{i:05d}.safetensors", self.out / final)
+            weight_map.update({k: final for k in names})
+        index = {"metadata": {"total_size": self.total_bytes, "format": "mlx"}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path, force: bool):
+    """Yield a temp dir next to `out`; on success it becomes `out` (replacing it only with force); on any failure
+    or interrupt it is removed."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

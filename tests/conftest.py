@@ -1,0 +1,92 @@
+"""Session fixtures: tiny transformers checkpoints (the oracle, tests/hf_reference.py), their conversions by our
+converter, and the loaded MLX models, each built once per session."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+import gemma_mlx  # noqa: E402,F401  (OpenBLAS before anything imports mlx.core)
+
+
+@pytest.fixture(scope="session")
+def hf_dir(tmp_path_factory):
+    """Transformers checkpoint dir of a target variant (hf_reference.VARIANTS)."""
+    from hf_reference import build_target
+
+    made = {}
+
+    def get(name):
+        if name not in made:
+            made[name] = build_target(name, tmp_path_factory.mktemp("hf") / name)
+        return made[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def hf_drafter_dir(tmp_path_factory):
+    """Transformers checkpoint dir of the assistant for a target variant (dense or centroid head)."""
+    from hf_reference import build_drafter
+
+    made = {}
+
+    def get(name, ordered):
+        if (name, ordered) not in made:
+            made[name, ordered] = build_drafter(name, ordered, tmp_path_factory.mktemp("hf") / f"{name}-a{ordered:d}")
+        return made[name, ordered]
+
+    return get
+
+
+# --- converted MLX models (gemma_mlx.convert + gemma_mlx.loader), built once per session -------------------
+
+
+@pytest.fixture(scope="session")
+def mlx_dir(hf_dir, hf_drafter_dir, tmp_path_factory):
+    """Converted fp32 (or quantized) MLX dir of a target, or of a drafter with ordered=True/False."""
+    from gemma_mlx.convert import convert
+
+    made = {}
+
+    def get(name, quantize=None, ordered=None):
+        key = (name, quantize, ordered)
+        if key not in made:
+            src = hf_dir(name) if ordered is None else hf_drafter_dir(name, ordered)
+            out = tmp_path_factory.mktemp("mlx") / f"{name}-{ordered}-{quantize}"
+            made[key] = convert(str(src), out, dtype="fp32", quantize=quantize, progress=False)
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def mlx_target(mlx_dir):
+    from gemma_mlx.loader import load_checkpoint
+
+    loaded = {}
+
+    def get(name, quantize=None):
+        if (name, quantize) not in loaded:
+            loaded[name, quantize] = load_checkpoint(mlx_dir(name, quantize))
+        return loaded[name, quantize]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def pair(mlx_dir, mlx_target):
+    """(target, drafter bound to it), fp32."""
+    from gemma_mlx.loader import load_checkpoint
+
+    loaded = {}
+
+    def get(name, ordered):
+        if (name, ordered) not in loaded:
+            loaded[name, ordered] = load_checkpoint(mlx_dir(name, ordered=ordered)).bind(mlx_target(name))
+        return mlx_target(name), loaded[name, ordered]
+
+    return get
