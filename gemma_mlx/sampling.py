@@ -61,11 +61,11 @@ def verify_choices(logits: mx.array, drafts: mx.array, params: SamplingParams, k
         target = mx.argmax(logits, axis=-1)
         return drafts == target[:, :K], target
     z = processed_logits(logits, params)
-    keys = mx.random.split(key, 2) if key is not None else (None, None)
-    p_draft = mx.exp(z[:, :K] - mx.logsumexp(z[:, :K], axis=-1, keepdims=True))
-    p_draft = mx.take_along_axis(p_draft, drafts[..., None], axis=-1)[..., 0]
-    accept = mx.random.uniform(shape=drafts.shape, key=keys[0]) < p_draft
+    k_accept, k_sample = mx.random.split(key, 2) if key is not None else (None, None)
+    p_draft = mx.exp(mx.take_along_axis(z[:, :K], drafts[..., None].astype(mx.int32), axis=-1)[..., 0]
+                     - mx.logsumexp(z[:, :K], axis=-1)) if K else mx.zeros(drafts.shape)
+    accept = mx.random.uniform(shape=drafts.shape, key=k_accept) < p_draft
     # Residual at a rejection: p with the rejected draft removed; bonus after full acceptance: p itself.
-    removed = mx.put_along_axis(z[:, :K], drafts[..., None], mx.array(-mx.inf, z.dtype), axis=-1)
-    fallback = mx.random.categorical(mx.concatenate([removed, z[:, K:]], axis=1), key=keys[1])
+    removed = mx.put_along_axis(z[:, :K], drafts[..., None].astype(mx.int32), mx.array(-mx.inf, z.dtype), axis=-1)
+    fallback = mx.random.categorical(mx.concatenate([removed, z[:, K:]], axis=1), key=k_sample)
     return accept, fallback

@@ -11,7 +11,7 @@ from bench.controlled import ControlledDrafter
 from gemma_mlx.cache import LayerCache
 from gemma_mlx.config import FULL, SLIDING
 from gemma_mlx.drafter import PairError, check_pair
-from gemma_mlx.sampling import SamplingParams
+from gemma_mlx.sampling import SamplingParams, processed_logits
 from gemma_mlx.speculative import DraftLength, Session, generate_tokens
 
 W = 8  # sliding window of the oracle models
@@ -228,6 +228,22 @@ def _chi2_two_sample(a, b):
                                          torch.tensor(stat / 2, dtype=torch.float64)))
 
 
+def _chi2_goodness_of_fit(sample, probs):
+    """p-value of a chi-square test that `sample` was drawn from `probs` (rare categories pooled)."""
+    import torch
+
+    observed = np.bincount(sample, minlength=len(probs)).astype(float)
+    expected = probs * len(sample)
+    keep = expected >= 5
+    observed = np.append(observed[keep], observed[~keep].sum())
+    expected = np.append(expected[keep], expected[~keep].sum())
+    observed, expected = observed[expected > 0], expected[expected > 0]
+    stat = ((observed - expected) ** 2 / expected).sum()
+    dof = len(observed) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
+                                         torch.tensor(stat / 2, dtype=torch.float64)))
+
+
 def _hf_rule_round(target, drafter, cache, x, g, k, params, key):
     """transformers' rule (spec §2.7): accept with min(1, p/q), q = softmax(raw drafter logits). Inexact."""
     from gemma_mlx.sampling import processed_logits
@@ -264,8 +280,25 @@ def test_speculative_sampling_is_distributed_like_plain_sampling(params, pair, h
     plain = np.concatenate([_first_tokens(target, None, ids, params, rows, 0, seed=s) for s in range(8)])
     controlled = ControlledDrafter(drafter, [ids + greedy] * rows, alpha=0.8)
     spec = np.concatenate([_first_tokens(target, controlled, ids, params, rows, 3, seed=100 + s) for s in range(8)])
-    for pos in range(3):
+    # token 1 (sampled after the prefill) against its exact distribution from transformers' logits
+    exact = np.array(mx.softmax(processed_logits(mx.array(hf_forward(hf_dir("plain"), ids)[0][-1]), params)))
+    assert _chi2_goodness_of_fit(spec[:, 0], exact) > 0.01, "token 1 distribution differs"
+    for pos in (1, 2):  # tokens 2 and 3 come from speculative rounds: against plain sampling
         assert _chi2_two_sample(plain[:, pos], spec[:, pos]) > 0.01, f"token {pos + 1} distribution differs"
     hf_rule = np.concatenate([_first_tokens(target, controlled, ids, params, rows, 3, seed=200 + s,
                                             rule=_hf_rule_round) for s in range(8)])
     assert min(_chi2_two_sample(plain[:, pos], hf_rule[:, pos]) for pos in range(3)) < 0.01
+
+
+def test_sampling_with_a_seed_is_reproducible_and_stays_in_the_nucleus(pair):
+    target, drafter = pair("plain", True)
+    ids = [int(i) for i in PROMPTS["short"]]
+    params = SamplingParams(temperature=0.8, top_k=5)
+    runs = [run(target, drafter, ids, k, max_tokens=20, params=params, seed=3)[0] for k in (3, 3, 0)]
+    assert runs[0] == runs[1] and len(runs[0]) == 20
+    # every token is among the 5 most likely of the target at its position (top_k=5 is applied to the target)
+    seq = ids + runs[0]
+    logits, _ = target(mx.array([seq]), target.make_cache(chunk=64))
+    top5 = np.argsort(-np.array(logits[0]), axis=-1)[:, :5]
+    for i, tok in enumerate(runs[0]):
+        assert tok in top5[len(ids) - 1 + i]
