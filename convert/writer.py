@@ -18,8 +18,8 @@ MAX_SHARD_BYTES = 5 * 1024**3
 class ShardWriter:
     """Collects tensors and writes a shard each time the next tensor would push it past the limit."""
 
-    def __init__(self, out: Path, max_bytes: int = MAX_SHARD_BYTES):
-        self.out, self.max_bytes = Path(out), max_bytes
+    def __init__(self, out: Path, max_bytes: int | None = None):
+        self.out, self.max_bytes = Path(out), max_bytes or MAX_SHARD_BYTES
         self.pending: dict[str, mx.array] = {}
         self.pending_bytes = 0
         self.shards: list[list[str]] = []
