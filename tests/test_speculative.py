@@ -169,7 +169,7 @@ def test_auto_draft_length_drafts_when_drafts_are_right(pair, hf_dir):
     expected = hf_greedy(hf_dir("plain"), ids, 80)
     out, stats, _ = run(target, ControlledDrafter(drafter, [ids + expected], 0.95), ids, "auto", max_tokens=80)
     assert out == expected
-    assert np.mean(stats.k_history[3:]) >= 2
+    assert min(stats.k_history[3:]) >= 1  # after the warm-up (K=3, 3, then one plain round) it never stops drafting
     assert stats.mean_accepted_length > 2
 
 
