@@ -138,6 +138,16 @@ class TargetCache:
     def max_rollback(self) -> int:
         return min(c.max_rollback() for c in self.layers)
 
+    def truncate(self, length: int) -> bool:
+        """Keep the first `length` positions in every layer (batch 1). Also makes the layers agree again after a
+        forward interrupted between layers. False (nothing changed) if a ring cannot go back that far."""
+        back = [int(c.lengths[0]) - length for c in self.layers]
+        if any(b > c.max_rollback() for b, c in zip(back, self.layers)):
+            return False
+        for b, c in zip(back, self.layers):
+            c.rollback(max(b, 0))
+        return True
+
     def producer(self, layer_type: str) -> LayerCache:
         """The cache the drafter reads for a layer type (the last producer of that type)."""
         return self.layers[self.config.producer_for(layer_type)]

@@ -50,7 +50,12 @@ def resolve(source: str | Path, dtype: str = "bf16", progress: bool = True) -> P
     name = (path.name if path.is_dir() else str(source).replace("/", "--")) + f"-{dtype}-{tag}"
     out = cache_home() / "converted" / name
     if not (out / "config.json").exists():
-        convert(str(source), out, dtype=dtype, progress=progress)
+        from .convert import ConvertError
+
+        try:
+            convert(str(source), out, dtype=dtype, progress=progress)
+        except ConvertError as e:
+            raise LoadError(str(e)) from None
     return out
 
 

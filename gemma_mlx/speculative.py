@@ -217,13 +217,10 @@ class Session:
             if a != b:
                 break
             common += 1
-        common = min(common, len(prompt) - 1)  # always run at least one token to get its logits
-        back = len(self.tokens) - common
-        if back > self.cache.max_rollback():
+        common = min(common, len(prompt) - 1, len(self.tokens))  # run at least one token to get its logits
+        if not self.cache.truncate(common):  # the rings no longer hold what the common prefix needs
             self.reset()
             common = 0
-        elif back:
-            self.cache.rollback(back)
         self.tokens = prompt[:common]
         logits, hidden = self.target.prefill(mx.array([prompt[common:]]), self.cache)
         self.tokens = list(prompt)

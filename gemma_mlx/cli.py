@@ -1,0 +1,390 @@
+"""The `gemma-mlx` command: chat, generate, convert, info. The only module that prints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import _blas
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+                  help="Gemma 4 on MLX with its MTP drafters: lossless speculative decoding, 2-3x faster answers.\n\n"
+                       "Examples:\n\n"
+                       "  gemma-mlx chat\n\n"
+                       "  gemma-mlx chat --model models/e2b --drafter models/e2b-assistant --temp 0.7\n\n"
+                       "  gemma-mlx generate --prompt 'Why is the sky blue?' --max-tokens 100\n\n"
+                       "  gemma-mlx convert google/gemma-4-e2b-it models/e2b --quantize 4\n\n"
+                       "  gemma-mlx info models/e2b --drafter models/e2b-assistant")
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+DEFAULT_MODEL = "google/gemma-4-e2b-it"
+ASSISTANTS = {  # a known target finds its MTP assistant by name
+    "gemma-4-e2b": "google/gemma-4-e2b-it-assistant",
+    "gemma-4-e4b": "google/gemma-4-e4b-it-assistant",
+    "gemma-4-26b-a4b": "google/gemma-4-26b-a4b-it-assistant",
+    "gemma-4-31b": "google/gemma-4-31b-it-assistant",
+}
+VERBOSE = False
+
+
+class UserError(Exception):
+    """Shown as one red line; exit code 1."""
+
+
+def fail(message: str):
+    err.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(1)
+
+
+def user_errors(fn):
+    """Every expected failure becomes one line and exit code 1; tracebacks are for bugs."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .config import ConfigError
+        from .convert import ConvertError
+        from .drafter import PairError
+        from .loader import LoadError
+
+        try:
+            return fn(*args, **kwargs)
+        except (UserError, LoadError, PairError, ConfigError, ConvertError, ValueError, FileNotFoundError) as e:
+            fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+    return wrapper
+
+
+@app.callback()
+def main_options(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show details (BLAS in use, paths).")):
+    global VERBOSE
+    VERBOSE = verbose
+    if verbose:
+        err.print(f"[dim]{_blas.status}[/dim]")
+
+
+# --- loading --------------------------------------------------------------------------------------------------
+
+
+def assistant_for(model: str) -> Optional[str]:
+    """The MTP assistant of a known target: by hub name, or a sibling dir `<name>-assistant`."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        sibling = path.with_name(path.name + "-assistant")
+        return str(sibling) if sibling.is_dir() else None
+    name = model.split("/")[-1].lower()
+    return next((a for key, a in ASSISTANTS.items() if name.startswith(key)), None)
+
+
+def load_engine(model: Optional[str], drafter: Optional[str]):
+    import gemma_mlx
+
+    model = model or DEFAULT_MODEL
+    guessed = drafter is None
+    drafter = assistant_for(model) if guessed else None if drafter.lower() == "none" else drafter
+    try:
+        engine = gemma_mlx.load(model, drafter=drafter)
+    except gemma_mlx.LoadError as e:
+        if "cannot download" in str(e):
+            raise UserError(f"{model} is not cached and cannot be downloaded (offline?): convert it elsewhere with "
+                            "`gemma-mlx convert`, or pass --model DIR") from None
+        raise
+    if guessed and drafter is None:
+        err.print(f"[yellow]no MTP drafter known for {model}: plain decoding (pass --drafter DIR|ID)[/yellow]")
+    if VERBOSE:
+        err.print(f"[dim]target {model}, drafter {drafter or 'none'}[/dim]")
+    return engine
+
+
+def parse_draft(value: str):
+    if value == "auto":
+        return "auto"
+    try:
+        k = int(value)
+    except ValueError:
+        raise UserError(f"--draft-tokens must be a number 0-8 or 'auto', got {value!r}") from None
+    if not 0 <= k <= 8:
+        raise UserError(f"--draft-tokens must be between 0 and 8, got {k}")
+    return k
+
+
+def check_sampling(temp: float, top_p: float, max_tokens: int):
+    if temp < 0:
+        raise UserError(f"--temp must be >= 0, got {temp}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {top_p}")
+    if max_tokens < 1:
+        raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
+
+
+def status_line(stats) -> str:
+    parts = [f"{stats.tokens_per_second:.1f} tok/s", f"TTFT {stats.time_to_first_token:.2f}s",
+             f"prefill {stats.prefill_tokens} tok", f"{stats.generated_tokens} tok"]
+    if stats.drafted_tokens:
+        parts += [f"accepted {stats.mean_accepted_length:.2f}/round", f"acceptance {100 * stats.acceptance:.0f}%",
+                  f"K {stats.k_last}"]
+    else:
+        parts.append("plain decoding")
+    return " · ".join(parts)
+
+
+def stats_table(stats) -> Table:
+    table = Table(title="acceptance per draft position", show_edge=False)
+    for col in ("position", "reached", "accepted", "rate"):
+        table.add_column(col, justify="right")
+    for j, (n, a) in enumerate(zip(stats.attempted_by_position, stats.accepted_by_position), 1):
+        if n:
+            table.add_row(str(j), str(n), str(a), f"{100 * a / n:.0f}%")
+    return table
+
+
+# --- chat -----------------------------------------------------------------------------------------------------
+
+HELP = """commands:
+  /reset            forget the conversation
+  /stats            acceptance per draft position of the last reply
+  /draft on|off|N|auto   drafting: auto (default), off (plain decoding) or a fixed K
+  /system TEXT      set the system prompt (resets the conversation)
+  /help             this help
+  /exit             quit (Ctrl-D works too; Ctrl-C stops a reply)"""
+
+
+@app.command()
+@user_errors
+def chat(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Target dir or hub id [default: {DEFAULT_MODEL}]."),
+    drafter: Optional[str] = typer.Option(None, "--drafter", "-d", help="Drafter dir or hub id, or 'none'. "
+                                          "Default: the target's known assistant."),
+    draft_tokens: str = typer.Option("auto", "--draft-tokens", "-k", help="Drafted tokens per round: N or auto."),
+    temp: float = typer.Option(0.0, "--temp", help="Sampling temperature (0 = greedy)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold."),
+    max_tokens: int = typer.Option(1024, "--max-tokens", help="Longest reply, in tokens."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+):
+    """Chat in the terminal, with streaming, multi-turn prompt-cache reuse and a speed line after each reply."""
+    import gemma_mlx
+
+    draft = parse_draft(draft_tokens)
+    check_sampling(temp, top_p, max_tokens)
+    engine = load_engine(model, drafter)
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    messages = [{"role": "system", "content": system}] if system else []
+    last = None
+    out.print("[dim]Type a message; /help for commands, Ctrl-D to quit.[/dim]")
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            out.print()
+            return
+        except KeyboardInterrupt:
+            out.print()
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            command, _, arg = text.partition(" ")
+            if command in ("/exit", "/quit"):
+                return
+            if command == "/help":
+                out.print(HELP)
+            elif command == "/reset":
+                messages = [m for m in messages if m["role"] == "system"]
+                engine.session.reset()
+                out.print("[dim]conversation reset[/dim]")
+            elif command == "/stats":
+                out.print(stats_table(last) if last and last.drafted_tokens else "[dim]no drafting yet[/dim]")
+                if last:
+                    out.print(f"[dim]{status_line(last)}[/dim]")
+            elif command == "/draft":
+                arg = arg.strip().lower()
+                if engine.drafter is None and arg not in ("off", "0"):
+                    out.print("[yellow]no drafter loaded: plain decoding[/yellow]")
+                    continue
+                try:
+                    draft = {"on": "auto", "off": 0}.get(arg) if arg in ("on", "off") else parse_draft(arg)
+                except UserError as e:
+                    out.print(f"[red]{e}[/red]")
+                    continue
+                out.print(f"[dim]drafting: {draft if draft != 0 else 'off'}[/dim]")
+            elif command == "/system":
+                messages = [{"role": "system", "content": arg.strip()}] if arg.strip() else []
+                engine.session.reset()
+                out.print("[dim]system prompt set; conversation reset[/dim]")
+            else:
+                out.print(f"[red]unknown command {command}[/red] (/help lists them)")
+            continue
+        messages.append({"role": "user", "content": text})
+        reply = ""
+        try:
+            for piece in gemma_mlx.stream_generate(engine, messages, max_tokens=max_tokens, temperature=temp,
+                                                   top_p=top_p, draft_tokens=draft):
+                out.print(piece.text, end="")
+                reply += piece.text
+                last = piece.stats
+        except KeyboardInterrupt:
+            out.print("[dim] \\[stopped][/dim]", end="")
+        out.print()
+        messages.append({"role": "assistant", "content": reply})
+        if last:
+            out.print(f"[dim]{status_line(last)}[/dim]")
+
+
+# --- generate -------------------------------------------------------------------------------------------------
+
+
+@app.command()
+@user_errors
+def generate(
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The prompt."),
+    prompts_file: Optional[Path] = typer.Option(None, "--prompts-file", help="One prompt per line."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Target dir or hub id [default: {DEFAULT_MODEL}]."),
+    drafter: Optional[str] = typer.Option(None, "--drafter", "-d", help="Drafter dir or hub id, or 'none'."),
+    draft_tokens: str = typer.Option("auto", "--draft-tokens", "-k", help="Drafted tokens per round: N or auto."),
+    temp: float = typer.Option(0.0, "--temp", help="Sampling temperature (0 = greedy)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold."),
+    max_tokens: int = typer.Option(256, "--max-tokens", help="Most new tokens per prompt."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling."),
+    chat_template: bool = typer.Option(True, "--chat/--raw", help="Wrap prompts in the chat template (default) "
+                                       "or feed them raw."),
+    batch_size: int = typer.Option(1, "--batch-size", "-b", help="Prompts decoded together (batch mode)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per prompt on stdout (text, tokens, stats)."),
+    demo: bool = typer.Option(False, "--demo", help="Run the demo pair (Gemma 3 270M + its distilled drafter)."),
+):
+    """Generate once: text on stdout, stats on stderr (or --json for scripts)."""
+    import gemma_mlx
+
+    if demo:
+        raise UserError("the demo pair is not available yet (it needs the Gemma 3 270M package and its distilled "
+                        "drafter, see the README)")
+    if (prompt is None) == (prompts_file is None):
+        raise UserError("give exactly one of --prompt and --prompts-file")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    draft = parse_draft(draft_tokens)
+    check_sampling(temp, top_p, max_tokens)
+    if prompts_file is not None:
+        if not prompts_file.is_file():
+            raise UserError(f"{prompts_file}: no such file")
+        prompts = [line for line in prompts_file.read_text().splitlines() if line.strip()]
+    else:
+        prompts = [prompt]
+    engine = load_engine(model, drafter)
+    inputs = [[{"role": "user", "content": p}] if chat_template else p for p in prompts]
+    kwargs = dict(max_tokens=max_tokens, temperature=temp, top_p=top_p, draft_tokens=draft, seed=seed)
+    if batch_size > 1:
+        if not hasattr(gemma_mlx, "generate_batch"):
+            raise UserError("batch mode is not available in this build")
+        results = []
+        for s in range(0, len(inputs), batch_size):
+            results += gemma_mlx.generate_batch(engine, inputs[s:s + batch_size], **kwargs)
+    else:
+        results = [gemma_mlx.generate(engine, p, reuse_cache=False, **kwargs) for p in inputs]
+    for p, r in zip(prompts, results):
+        if as_json:
+            out.print_json(json.dumps(dict(prompt=p, text=r.text, tokens=r.tokens, finish_reason=r.finish_reason,
+                                           stats=r.stats.as_dict())), indent=None)
+        else:
+            out.print(r.text)
+            err.print(f"[dim]{status_line(r.stats)}[/dim]")
+
+
+# --- convert --------------------------------------------------------------------------------------------------
+
+
+@app.command()
+@user_errors
+def convert(
+    src: str = typer.Argument(..., help="Hugging Face checkpoint: a local dir or a hub id."),
+    out_dir: Path = typer.Argument(..., metavar="OUT", help="Where to write the MLX checkpoint."),
+    dtype: str = typer.Option("bf16", "--dtype", help="bf16, fp16 or fp32."),
+    quantize: Optional[int] = typer.Option(None, "--quantize", "-q", help="4 or 8 bits."),
+    group_size: int = typer.Option(64, "--group-size", help="Quantization group size: 32, 64 or 128."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+):
+    """Convert a Gemma 4 target or its assistant to MLX (streams tensor by tensor; atomic)."""
+    from .convert import convert as run
+
+    path = run(src, out_dir, dtype=dtype, quantize=quantize, group_size=group_size, force=force)
+    err.print(f"[green]wrote[/green] {path}")
+
+
+# --- info -----------------------------------------------------------------------------------------------------
+
+
+@app.command()
+@user_errors
+def info(
+    model: str = typer.Argument(..., help="A model dir or hub id (target or drafter)."),
+    drafter: Optional[str] = typer.Option(None, "--drafter", "-d", help="Check whether this drafter fits the target."),
+):
+    """Architecture, size, dtype/quantization, memory estimate; with --drafter, whether the pair matches."""
+    from mlx.utils import tree_flatten
+
+    from .drafter import Drafter, PairError, check_pair
+    from .loader import load_checkpoint, read_config, resolve
+
+    path = resolve(model)
+    m = load_checkpoint(path)
+    raw = read_config(path)
+    cfg = m.config.text if isinstance(m, Drafter) else m.config
+    params = tree_flatten(m.parameters())
+    weight_bytes = sum(v.nbytes for _, v in params)
+    n_params = sum(v.size for k, v in params if not k.endswith((".scales", ".biases")))
+    q = raw.get("quantization")
+    table = Table(show_header=False, show_edge=False)
+    table.add_row("model", f"{raw.get('model_type')} ({'drafter' if isinstance(m, Drafter) else 'target'}) {path}")
+    kinds = {t: cfg.layer_types.count(t) for t in ("sliding_attention", "full_attention")}
+    table.add_row("layers", f"{cfg.num_hidden_layers} ({kinds['sliding_attention']} sliding, "
+                            f"{kinds['full_attention']} full), window {cfg.sliding_window}")
+    table.add_row("hidden / heads", f"{cfg.hidden_size} / {cfg.num_attention_heads} q, {cfg.num_key_value_heads} kv; "
+                                    f"head dim {cfg.head_dim} sliding, {cfg.global_head_dim} full")
+    features = [f for f, on in (("PLE", cfg.hidden_size_per_layer_input), ("MoE", cfg.enable_moe_block),
+                                ("k_eq_v", cfg.attention_k_eq_v)) if on]
+    if cfg.num_kv_shared_layers and not isinstance(m, Drafter):
+        features.append(f"{cfg.num_kv_shared_layers} kv-shared layers")
+    table.add_row("features", ", ".join(features) or "-")
+    table.add_row("parameters", f"{n_params / 1e6:.1f} M")
+    dtypes = sorted({str(v.dtype).split(".")[-1] for k, v in params if not k.endswith((".scales", ".biases"))})
+    table.add_row("dtype", ", ".join(dtypes) + (f"; {q['bits']}-bit, group {q['group_size']}" if q else ""))
+    table.add_row("weights", f"{weight_bytes / 2**30:.2f} GiB")
+    if not isinstance(m, Drafter):
+        table.add_row("KV per 1k tokens", f"{kv_bytes_per_token(cfg, 2) * 1000 / 2**20:.1f} MiB (bf16)")
+    out.print(table)
+    if drafter:
+        if isinstance(m, Drafter):
+            raise UserError(f"{model} is a drafter; pass the target first")
+        d = load_checkpoint(resolve(drafter))
+        if not isinstance(d, Drafter):
+            raise UserError(f"{drafter} is not a drafter (gemma4_assistant)")
+        try:
+            check_pair(m, d)
+        except PairError as e:
+            out.print(f"[red]pair does not match:[/red] {e}")
+            raise typer.Exit(1)
+        out.print(f"[green]pair matches[/green]: drafter {d.config.text.num_hidden_layers} layers, hidden "
+                  f"{d.config.text.hidden_size}, {'centroid' if d.config.use_ordered_embeddings else 'dense'} head")
+
+
+def kv_bytes_per_token(cfg, itemsize: int) -> int:
+    """Full layers grow per token; sliding rings are bounded (counted at their window)."""
+    per_layer = [2 * cfg.layer_kv_heads(i) * cfg.layer_head_dim(i) * itemsize for i in range(cfg.first_shared_layer)]
+    return sum(b for i, b in enumerate(per_layer) if cfg.layer_types[i] == "full_attention")
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

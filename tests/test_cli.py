@@ -1,0 +1,102 @@
+"""The `gemma-mlx` command: every user error is one line and exit code 1; generate/info/convert on a tiny pair."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from gemma_mlx.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny(mlx_dir, tmp_path_factory):
+    """A converted tiny pair laid out as users do: models/tiny and its sibling models/tiny-assistant."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("models")
+    shutil.copytree(mlx_dir("e2blike"), root / "tiny")
+    shutil.copytree(mlx_dir("e2blike", ordered=True), root / "tiny-assistant")
+    shutil.copytree(mlx_dir("keqv", ordered=False), root / "keqv-assistant")  # other KV geometry
+    return root
+
+
+def one_line_error(result, pattern):
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    assert pattern in lines[0], lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_missing_model_dir():
+    one_line_error(runner.invoke(app, ["generate", "-m", "/no/such/dir", "-p", "hi"]), "no such model directory")
+
+
+def test_dir_without_config(tmp_path):
+    (tmp_path / "empty").mkdir()
+    one_line_error(runner.invoke(app, ["generate", "-m", str(tmp_path / "empty"), "-p", "hi"]), "no config.json")
+
+
+def test_offline_default_model_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("GEMMA_MLX_HOME", str(tmp_path / "home"))
+    one_line_error(runner.invoke(app, ["generate", "-p", "hi"]), "cannot be downloaded (offline?)")
+
+
+def test_mismatched_pair_is_refused(tiny):
+    result = runner.invoke(app, ["generate", "-m", str(tiny / "tiny"), "-d", str(tiny / "keqv-assistant"), "-p", "hi"])
+    one_line_error(result, "KV geometry")
+    info = runner.invoke(app, ["info", str(tiny / "tiny"), "--drafter", str(tiny / "keqv-assistant")])
+    assert info.exit_code == 1 and "pair does not match" in info.output
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["--max-tokens", "-3"], "--max-tokens must be >= 1"),
+    (["--temp", "-1"], "--temp must be >= 0"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--draft-tokens", "foo"], "--draft-tokens must be a number"),
+    (["--draft-tokens", "12"], "between 0 and 8"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+])
+def test_bad_flag_values(tiny, args, pattern):
+    one_line_error(runner.invoke(app, ["generate", "-m", str(tiny / "tiny"), "-p", "hi", *args]), pattern)
+
+
+def test_prompt_and_prompts_file_are_exclusive(tiny, tmp_path):
+    one_line_error(runner.invoke(app, ["generate", "-m", str(tiny / "tiny")]), "exactly one of")
+    one_line_error(runner.invoke(app, ["generate", "-m", str(tiny / "tiny"), "--prompts-file", str(tmp_path / "x")]),
+                   "no such file")
+
+
+def test_convert_errors(hf_dir, tmp_path):
+    one_line_error(runner.invoke(app, ["convert", str(hf_dir("plain")), str(tmp_path)]),
+                   "already exists")
+    one_line_error(runner.invoke(app, ["convert", str(hf_dir("plain")), str(tmp_path / "o"), "--quantize", "3"]),
+                   "--quantize 3 is not supported")
+    ok = runner.invoke(app, ["convert", str(hf_dir("plain")), str(tmp_path / "o"), "--dtype", "fp32"])
+    assert ok.exit_code == 0 and (tmp_path / "o" / "config.json").exists()
+
+
+def test_generate_json_is_the_same_greedy_text_with_and_without_drafter(tiny):
+    base = ["generate", "-m", str(tiny / "tiny"), "-p", "the quick brown fox", "--max-tokens", "24", "--json"]
+    plain = json.loads(runner.invoke(app, base + ["-d", "none"]).stdout)
+    spec = json.loads(runner.invoke(app, base + ["-k", "3"]).stdout)  # the sibling assistant is found by name
+    assert plain["tokens"] == spec["tokens"] and len(plain["tokens"]) == 24
+    assert plain["stats"]["drafted_tokens"] == 0 and spec["stats"]["drafted_tokens"] > 0
+
+
+def test_info_describes_the_model(tiny):
+    result = runner.invoke(app, ["info", str(tiny / "tiny"), "--drafter", str(tiny / "tiny-assistant")])
+    assert result.exit_code == 0
+    for text in ("gemma4_text", "8 (6 sliding, 2 full)", "PLE", "3 kv-shared", "pair matches", "centroid head"):
+        assert text in result.output
+
+
+def test_help_teaches():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0 and "gemma-mlx chat --model" in result.output
+    for command in ("chat", "generate", "convert", "info"):
+        assert runner.invoke(app, [command, "--help"]).exit_code == 0
