@@ -150,13 +150,15 @@ class DraftLength:
         self.time_n = np.zeros(k_max + 1)
         self.rounds = 0
         self.plain_streak = 0
+        self.plain_requested = False
 
     def choose(self) -> int:
         if self.fixed is not None:
             return self.fixed
         if self.rounds < 2:
             return self.start
-        if self.time_n[0] == 0:
+        if self.time_n[0] == 0 and not self.plain_requested:
+            self.plain_requested = True
             return 0  # measure the plain step once
         best = self.best()
         if best == 0:
