@@ -12,10 +12,11 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.gemma4_text import Experts, Router
+from mlx_lm.models.gemma4_text import Router
 
 from .cache import TargetCache, attention_mask
 from .config import FULL, SLIDING, ConfigError, TextConfig, text_config_of
+from .moe import Experts
 
 
 class RoPE(nn.Module):

@@ -1,0 +1,317 @@
+"""The Gemma 3 text target (`gemma3_text`, and the `gemma3` wrapper reduced to text).
+
+Same interface as target.Target: `(logits, final-norm hidden) = target(tokens, cache)`, `model.embed`, `make_cache`
+(a cache.TargetCache), `prefill`, `sanitize`, so the engine runs it unchanged. Parameter names are mlx-lm's
+`gemma3_text.Model` tree (= the Hugging Face names), and norm weights are stored as HF stores them (w, applied as
+1 + w), so converted checkpoints load in both.
+
+What differs from Gemma 4 (transformers 5.23 `modeling_gemma3.py`):
+- every RMSNorm (layer norms, q/k norms, final norm) scales by 1 + w, computed in fp32 as HF does; V is not normed;
+- attention scale is query_pre_attn_scalar^-½ (not 1.0); one head_dim and one KV-head count for all layers;
+- RoPE: sliding layers use the local base (10k), full layers the global base (1M) with optional linear scaling;
+- no PLE, MoE, kv-sharing or k_eq_v; final-logit softcapping only if the config sets it (Gemma 3 does not).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .cache import TargetCache, attention_mask
+from .config import FULL, SLIDING, ConfigError
+from .target import MLP
+
+TARGET_TYPES = ("gemma3_text", "gemma3")
+DROPPED_PREFIXES = ("vision_tower.", "multi_modal_projector.")
+
+
+@dataclass
+class Gemma3Config:
+    """A Gemma 3 text stack; defaults are transformers 5.23.0's `Gemma3TextConfig` defaults.
+
+    Provides the geometry TextConfig provides (layer_types, sliding_window, first_shared_layer, producer_for,
+    kv_source, layer_head_dim, layer_kv_heads), so cache.py, drafter.py and the CLI need no change; the Gemma 4
+    features Gemma 3 lacks read as constants (properties, not written to config.json).
+    """
+
+    model_type: str = "gemma3_text"
+    vocab_size: int = 262_208
+    hidden_size: int = 2304
+    intermediate_size: int = 9216
+    num_hidden_layers: int = 26
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 4
+    head_dim: int = 256
+    hidden_activation: str = "gelu_pytorch_tanh"
+    max_position_embeddings: int = 131_072
+    rms_norm_eps: float = 1e-6
+    pad_token_id: Optional[int] = 0
+    eos_token_id: object = 1
+    bos_token_id: Optional[int] = 2
+    tie_word_embeddings: bool = True
+    rope_parameters: Optional[dict] = None
+    attention_bias: bool = False
+    query_pre_attn_scalar: float = 256
+    sliding_window: int = 4096
+    layer_types: Optional[list] = None
+    final_logit_softcapping: Optional[float] = None
+    attn_logit_softcapping: Optional[float] = None
+    use_bidirectional_attention: bool = False
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "Gemma3Config":
+        raw = dict(raw)
+        known = {f.name for f in fields(cls)}
+        cfg = cls(**{k: v for k, v in raw.items() if k in known})
+        cfg.model_type = "gemma3_text"
+        cfg._resolve(raw)
+        return cfg
+
+    def _resolve(self, raw: dict):
+        n = self.num_hidden_layers
+        if self.layer_types is None:  # HF: every `sliding_window_pattern`-th layer is full (default 6)
+            pattern = raw.get("sliding_window_pattern", 6)
+            self.layer_types = [SLIDING if (i + 1) % pattern else FULL for i in range(n)]
+        self.layer_types = list(self.layer_types)
+        if len(self.layer_types) != n:
+            raise ConfigError(f"layer_types has {len(self.layer_types)} entries for {n} layers")
+        if bad := set(self.layer_types) - {SLIDING, FULL}:
+            raise ConfigError(f"unknown layer type {sorted(bad)[0]!r}")
+        self.rope_parameters = _resolve_rope(self.rope_parameters, raw)
+        if isinstance(self.eos_token_id, int):
+            self.eos_token_id = [self.eos_token_id]
+        if self.use_bidirectional_attention:
+            raise ConfigError("use_bidirectional_attention=true is an embedding model, not a causal LM")
+        if self.attn_logit_softcapping is not None:
+            raise ConfigError("attn_logit_softcapping is not supported (a Gemma 2 feature; Gemma 3 sets none)")
+        if self.attention_bias:
+            raise ConfigError("attention_bias=true is not a Gemma 3 checkpoint")
+        if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
+            raise ConfigError(f"hidden_activation {self.hidden_activation!r} is not supported")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"{self.num_attention_heads} heads do not share {self.num_key_value_heads} KV heads")
+
+    # Geometry, as TextConfig (one head_dim and KV-head count for every layer; no kv-sharing).
+    def layer_head_dim(self, i: int) -> int:
+        return self.head_dim
+
+    def layer_kv_heads(self, i: int) -> int:
+        return self.num_key_value_heads
+
+    @property
+    def first_shared_layer(self) -> int:
+        return self.num_hidden_layers
+
+    def producer_for(self, layer_type: str) -> int:
+        candidates = [i for i, t in enumerate(self.layer_types) if t == layer_type]
+        if not candidates:
+            raise ConfigError(f"no {layer_type} layer produces a KV cache")
+        return candidates[-1]
+
+    def kv_source(self, i: int) -> int:
+        return i
+
+    # Gemma 4 features, absent in Gemma 3 (read by the CLI's `info`).
+    num_kv_shared_layers = property(lambda self: 0)
+    global_head_dim = property(lambda self: self.head_dim)
+    hidden_size_per_layer_input = property(lambda self: 0)
+    enable_moe_block = property(lambda self: False)
+    attention_k_eq_v = property(lambda self: False)
+
+    def to_dict(self) -> dict:
+        """The resolved config, plus the legacy keys mlx-lm's `gemma3_text` reads instead of rope_parameters /
+        layer_types (its defaults differ from HF's: sliding_window 512, 1 KV head, ...)."""
+        d = asdict(self)
+        full, local = self.rope_parameters[FULL], self.rope_parameters[SLIDING]
+        d["rope_theta"], d["rope_local_base_freq"] = full["rope_theta"], local["rope_theta"]
+        d["rope_scaling"] = None if full["rope_type"] == "default" else {k: v for k, v in full.items()
+                                                                           if k != "rope_theta"}
+        pattern = self.layer_types.index(FULL) + 1 if FULL in self.layer_types else 0
+        if pattern and self.layer_types == [SLIDING if (i + 1) % pattern else FULL for i in range(len(self.layer_types))]:
+            d["sliding_window_pattern"] = pattern
+        return d
+
+
+def _resolve_rope(params: Optional[dict], raw: dict) -> dict:
+    """Per-layer-type RoPE as HF's `convert_rope_params_to_dict`: legacy `rope_scaling` applies to full layers,
+    legacy `rope_theta` / `rope_local_base_freq` fill in the bases (defaults 1M / 10k)."""
+    params = {t: dict(p) for t, p in (params or {}).items() if p is not None}
+    if extra := set(params) - {SLIDING, FULL}:
+        raise ConfigError(f"rope_parameters must be given per layer type, not {sorted(extra)[0]!r}")
+    full, local = params.setdefault(FULL, {"rope_type": "default"}), params.setdefault(SLIDING, {"rope_type": "default"})
+    if raw.get("rope_scaling"):
+        full.update(raw["rope_scaling"])
+    full.setdefault("rope_theta", raw.get("rope_theta", 1_000_000.0))
+    local.setdefault("rope_theta", raw.get("rope_local_base_freq", 10_000.0))
+    for p in params.values():
+        if "type" in p:  # pre-4.45 spelling of rope_type (HF 5.23 silently ignores it; mlx-lm honours it)
+            p["rope_type"] = p.pop("type")
+        p.setdefault("rope_type", "default")
+        if p["rope_type"] not in ("default", "linear"):
+            raise ConfigError(f"rope_type {p['rope_type']!r} is not supported (Gemma 3 uses default and linear)")
+        if p.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ConfigError("partial_rotary_factor is not supported for Gemma 3")
+    return params
+
+
+def gemma3_text_config_of(raw: dict) -> dict:
+    """The text stack of a Gemma 3 config: the multimodal wrapper (`gemma3`) keeps it in text_config."""
+    if raw.get("model_type") == "gemma3":
+        return raw.get("text_config") or {}
+    return raw
+
+
+class RMSNorm(nn.Module):
+    """Gemma 3's norm: x / rms(x) · (1 + w), in fp32 and cast back once, as HF."""
+
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.zeros((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        w = 1.0 + self.weight.astype(mx.float32)
+        return mx.fast.rms_norm(x.astype(mx.float32), w, self.eps).astype(x.dtype)
+
+
+class RoPE(nn.Module):
+    """Non-interleaved RoPE over the whole head; `linear` divides positions by `factor` (periods × factor)."""
+
+    def __init__(self, params: dict, head_dim: int):
+        super().__init__()
+        factor = params.get("factor", 1.0) if params["rope_type"] == "linear" else 1.0
+        self.dims = head_dim
+        self._freqs = factor * params["rope_theta"] ** (mx.arange(0, head_dim, 2, dtype=mx.float32) / head_dim)
+
+    def __call__(self, x: mx.array, offset: mx.array) -> mx.array:
+        return mx.fast.rope(x, self.dims, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._freqs)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Gemma3Config, i: int):
+        super().__init__()
+        self.n_heads, self.n_kv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.scale = cfg.query_pre_attn_scalar**-0.5
+        H = cfg.hidden_size
+        self.q_proj = nn.Linear(H, self.n_heads * D, bias=False)
+        self.k_proj = nn.Linear(H, self.n_kv * D, bias=False)
+        self.v_proj = nn.Linear(H, self.n_kv * D, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * D, H, bias=False)
+        self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.rope = RoPE(cfg.rope_parameters[cfg.layer_types[i]], D)
+
+    def __call__(self, x: mx.array, offset: mx.array, cache, mask) -> mx.array:
+        B, T, _ = x.shape
+        q = self.rope(self.q_norm(self.q_proj(x).reshape(B, T, self.n_heads, -1)).transpose(0, 2, 1, 3), offset)
+        k = self.rope(self.k_norm(self.k_proj(x).reshape(B, T, self.n_kv, -1)).transpose(0, 2, 1, 3), offset)
+        cache.write(k, self.v_proj(x).reshape(B, T, self.n_kv, -1).transpose(0, 2, 1, 3))
+        keys, values = cache.view()
+        o = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask=mask)
+        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, -1))
+
+
+class DecoderLayer(nn.Module):
+    """Sandwich norms around attention and MLP, as Gemma 4 but without PLE, MoE or a layer scalar."""
+
+    def __init__(self, cfg: Gemma3Config, i: int):
+        super().__init__()
+        H, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.layer_type = cfg.layer_types[i]
+        self.self_attn = Attention(cfg, i)
+        self.mlp = MLP(H, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(H, eps)
+        self.post_attention_layernorm = RMSNorm(H, eps)
+        self.pre_feedforward_layernorm = RMSNorm(H, eps)
+        self.post_feedforward_layernorm = RMSNorm(H, eps)
+
+    def __call__(self, h, offset, cache, mask):
+        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), offset, cache, mask))
+        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+
+
+class Gemma3TextModel(nn.Module):
+    def __init__(self, cfg: Gemma3Config):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = [DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)]
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def embed(self, tokens: mx.array) -> mx.array:
+        """E[x]·√H, the scale rounded to the weight dtype as in HF (also what a drafter would read)."""
+        e = self.embed_tokens(tokens)
+        return e * mx.array(math.sqrt(self.cfg.hidden_size), dtype=e.dtype)
+
+    def __call__(self, tokens: mx.array, cache: TargetCache) -> mx.array:
+        T = tokens.shape[1]
+        start = cache.lengths.copy()
+        offset = mx.array(start, dtype=mx.int32)
+        masks = {t: self._mask(cache, t, start, T) for t in set(self.cfg.layer_types)}
+        h = self.embed(tokens)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, offset, cache.layers[i], masks[layer.layer_type])
+        return self.norm(h)
+
+    @staticmethod
+    def _mask(cache: TargetCache, layer_type: str, start: np.ndarray, T: int):
+        after = start + T
+        if layer_type == FULL and T == 1 and (after == after[0]).all():
+            return None  # one query per row at the end of an equally long linear buffer: everything is visible
+        window = cache.window if layer_type == SLIDING else None
+        return attention_mask(start, T, cache.producer(layer_type).positions(after), window)
+
+
+class Gemma3Target(nn.Module):
+    """`(logits, final-norm hidden) = target(tokens, cache)`, as target.Target."""
+
+    def __init__(self, cfg: Gemma3Config):
+        super().__init__()
+        self.config = cfg
+        self.model = Gemma3TextModel(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def __call__(self, tokens: mx.array, cache: TargetCache, last_only: bool = False):
+        hidden = self.model(tokens, cache)
+        if last_only:
+            hidden = hidden[:, -1:]
+        return self.logits(hidden), hidden
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        out = self.model.embed_tokens.as_linear(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
+        cap = self.config.final_logit_softcapping
+        return out if cap is None else mx.tanh(out / cap) * cap
+
+    def make_cache(self, batch: int = 1, chunk: int = 256) -> TargetCache:
+        return TargetCache(self.config, batch, chunk)
+
+    def prefill(self, tokens: mx.array, cache: TargetCache):
+        """Run a prompt through in chunks of at most `cache.chunk` tokens; returns the last position's
+        (logits, hidden)."""
+        for s in range(0, tokens.shape[1], cache.chunk):
+            logits, hidden = self(tokens[:, s : s + cache.chunk], cache, last_only=True)
+            mx.eval(logits, hidden, cache.state())
+        return logits, hidden
+
+    def sanitize(self, weights: dict) -> dict:
+        """Accept the HF layouts too: `Gemma3ForCausalLM` (same names), `Gemma3ForConditionalGeneration`
+        (`model.language_model.*`, towers dropped) and mlx-lm's `gemma3` wrapper (`language_model.model.*`)."""
+        out = {}
+        for k, v in weights.items():
+            k = k.removeprefix("language_model.").replace("model.language_model.", "model.", 1)
+            if k.removeprefix("model.").startswith(DROPPED_PREFIXES) or k.endswith("rotary_emb.inv_freq"):
+                continue
+            if k == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue
+            out[k] = v
+        return out
+
+    @classmethod
+    def from_config_dict(cls, raw: dict) -> "Gemma3Target":
+        return cls(Gemma3Config.from_dict(gemma3_text_config_of(raw)))
