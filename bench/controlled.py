@@ -11,10 +11,10 @@ import numpy as np
 
 
 class ControlledDrafter:
-    def __init__(self, drafter, references: list[list[int]], alpha: float, seed: int = 0):
-        """references[b]: row b's full greedy sequence (prompt + continuation), indexed by position."""
-        self.drafter, self.alpha = drafter, alpha
-        self.references = [np.asarray(r) for r in references]
+    def __init__(self, drafter, references, alpha: float, seed: int = 0):
+        """references[b]: row b's full greedy sequence (prompt + continuation), indexed by position; or a
+        callable returning that list for the rows of the current batch (rows join and leave)."""
+        self.drafter, self.alpha, self.references = drafter, alpha, references
         self.rng = np.random.default_rng(seed)
 
     def draft(self, x, g, cache, k):
@@ -23,7 +23,8 @@ class ControlledDrafter:
             return drafts
         # x sits at position lengths[b]; draft j (0-based) guesses position lengths[b] + 1 + j.
         pos = cache.lengths[:, None] + 1 + np.arange(k)[None, :]
-        ref = np.stack([r[np.minimum(p, len(r) - 1)] for r, p in zip(self.references, pos)])
+        refs = self.references() if callable(self.references) else self.references
+        ref = np.stack([np.asarray(r)[np.minimum(p, len(r) - 1)] for r, p in zip(refs, pos)])
         forced = self.rng.random(ref.shape) < self.alpha
         return mx.where(mx.array(forced), mx.array(ref.astype(np.uint32)), drafts.astype(mx.uint32))
 

@@ -4,6 +4,8 @@ from ._blas import preload_openblas
 
 preload_openblas()  # before anything imports mlx.core
 
+from .batch import generate_batch  # noqa: E402
 from .generate import Engine, Generation, LoadError, PairError, Piece, generate, load, stream_generate  # noqa: E402
 
-__all__ = ["Engine", "Generation", "LoadError", "PairError", "Piece", "generate", "load", "stream_generate"]
+__all__ = ["Engine", "Generation", "LoadError", "PairError", "Piece", "generate", "generate_batch", "load",
+           "stream_generate"]

@@ -104,6 +104,27 @@ class LayerCache:
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
+    def take_rows(self, rows: list[int]):
+        """Keep only these rows (batch rows that finished leave; between rounds, so a copy is fine)."""
+        idx = mx.array(rows, dtype=mx.int32)
+        self.keys, self.values = self.keys[idx], self.values[idx]
+        self.lengths = self.lengths[rows]
+
+    def extend_rows(self, other: "LayerCache"):
+        """Append the rows of another cache (a prefilled row joining the batch); linear buffers are padded to a
+        common size (the padding is never attended: masks come from positions)."""
+        if self.keys is None:
+            self.keys, self.values, self.lengths = other.keys, other.values, other.lengths.copy()
+            return
+        size = max(self.keys.shape[2], other.keys.shape[2])
+        self.keys = mx.concatenate([_pad_slots(self.keys, size), _pad_slots(other.keys, size)])
+        self.values = mx.concatenate([_pad_slots(self.values, size), _pad_slots(other.values, size)])
+        self.lengths = np.concatenate([self.lengths, other.lengths])
+
+
+def _pad_slots(a: mx.array, size: int) -> mx.array:
+    return a if a.shape[2] == size else mx.pad(a, [(0, 0), (0, 0), (0, size - a.shape[2]), (0, 0)])
+
 
 def _put_slots(buffer: mx.array, slots: np.ndarray, new: mx.array) -> mx.array:
     """buffer[b, :, slots[b, t], :] = new[b, :, t, :], in place when MLX can donate the buffer."""
@@ -147,6 +168,14 @@ class TargetCache:
         for b, c in zip(back, self.layers):
             c.rollback(max(b, 0))
         return True
+
+    def take_rows(self, rows: list[int]):
+        for c in self.layers:
+            c.take_rows(rows)
+
+    def extend_rows(self, other: "TargetCache"):
+        for c, o in zip(self.layers, other.layers):
+            c.extend_rows(o)
 
     def producer(self, layer_type: str) -> LayerCache:
         """The cache the drafter reads for a layer type (the last producer of that type)."""

@@ -183,14 +183,16 @@ class DraftLength:
         c1, c0 = np.polyfit(ks, mean, 1, w=np.sqrt(self.time_n[seen]))
         return np.maximum(c0 + c1 * k, 1e-9)
 
-    def update(self, k: int, n_accepted: int, seconds: float, decay: float = 0.98):
+    def update(self, k: int, n_accepted, seconds: float, decay: float = 0.98):
+        """After a round of K drafts: n accepted (one int, or one per batch row) in `seconds`."""
         self.rounds += 1
         if k:
             self.hits *= decay
             self.tries *= decay
-            reached = min(k, n_accepted + 1)
-            self.tries[:reached] += 1
-            self.hits[:n_accepted] += 1
+            rows = np.atleast_1d(n_accepted)
+            for n in rows:  # each row weighs 1/B: a round moves the estimates the same at any batch size
+                self.tries[: min(k, n + 1)] += 1 / len(rows)
+                self.hits[:n] += 1 / len(rows)
         self.time_sum[k] = self.time_sum[k] * decay + seconds
         self.time_n[k] = self.time_n[k] * decay + 1
 

@@ -57,7 +57,7 @@ VARIANTS = {
     "kvshared": dict(num_kv_shared_layers=2, use_double_wide_mlp=True),
     "ple": dict(hidden_size_per_layer_input=8),
     "moe": dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32),
-    "moe8": dict(enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=32),
+    "moe8": dict(enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=32),  # batch tests
     "keqv": dict(attention_k_eq_v=True, num_global_key_value_heads=1),
     "e2blike": dict(num_hidden_layers=8, layer_types=[S, S, S, F, S, S, S, F], num_kv_shared_layers=3,
                     use_double_wide_mlp=True, hidden_size_per_layer_input=8),

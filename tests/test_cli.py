@@ -100,3 +100,13 @@ def test_help_teaches():
     assert result.exit_code == 0 and "gemma-mlx chat --model" in result.output
     for command in ("chat", "generate", "convert", "info"):
         assert runner.invoke(app, [command, "--help"]).exit_code == 0
+
+
+def test_generate_batch_from_a_prompts_file_matches_one_by_one(tiny, tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("the quick brown fox\nwhy is the sky blue\n\nthe capital of france is\n")
+    base = ["generate", "-m", str(tiny / "tiny"), "--prompts-file", str(f), "--max-tokens", "16", "--json", "-k", "2"]
+    batched = [json.loads(line) for line in runner.invoke(app, base + ["--batch-size", "3"]).stdout.splitlines()]
+    single = [json.loads(line) for line in runner.invoke(app, base).stdout.splitlines()]
+    assert len(batched) == len(single) == 3
+    assert [b["tokens"] for b in batched] == [s["tokens"] for s in single]
