@@ -24,7 +24,9 @@ test-slow: install
 	$(PYTEST) -q -m slow
 
 bench: install
+	$(PIP) install -q -e ".[$(EXTRAS),bench]"
 	$(PYTHON) -m bench.run
+	$(PYTHON) -m bench.batch
 
 demo: install
 	$(PYTHON) -m gemma_mlx.cli generate --demo

@@ -1,0 +1,313 @@
+"""gemma-mlx bench: MTP speed-ups measured side by side (ratios in one run, same weights, same prompts, medians of
+alternating repeats, token-identical output asserted), acceptance per draft position, step costs, memory, and
+mlx-lm's plain decoding on the same weights.
+
+No Gemma 4 weights can be downloaded here, so the targets are random-weight models at scaled-down shapes of E2B
+(PLE + kv-shared + centroid drafter), 26B-A4B (MoE) and 31B (dense, k_eq_v), and the drafter runs its full
+computation and then, with probability α, has its choice replaced by the target's recorded greedy continuation
+(bench/controlled.py; never on the product path). Absolute tokens/s are CPU figures (fp32, 2 cores).
+
+    python -m bench.run [--quick] [--out bench/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import gemma_mlx  # noqa: F401  (OpenBLAS before mlx)
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from gemma_mlx import _blas
+from gemma_mlx.config import DrafterConfig, TextConfig
+from gemma_mlx.drafter import Drafter
+from gemma_mlx.speculative import DraftLength, Session, generate_tokens
+from gemma_mlx.target import Target
+
+from .controlled import ControlledDrafter
+
+S, F = "sliding_attention", "full_attention"
+SHAPES = {
+    "e2b-like": dict(target=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=16,
+                                 layer_types=([S] * 3 + [F]) * 4, num_kv_shared_layers=8, use_double_wide_mlp=True,
+                                 hidden_size_per_layer_input=64, vocab_size_per_layer_input=32768),
+                     drafter=dict(hidden_size=256, use_ordered_embeddings=True, num_centroids=256,
+                                  centroid_intermediate_top_k=32)),
+    "26b-a4b-like": dict(target=dict(hidden_size=1024, intermediate_size=1024, num_hidden_layers=12,
+                                     layer_types=([S] * 5 + [F]) * 2, enable_moe_block=True, num_experts=64,
+                                     top_k_experts=4, moe_intermediate_size=512, hidden_size_per_layer_input=0),
+                         drafter=dict(hidden_size=256, use_ordered_embeddings=False)),
+    "31b-like": dict(target=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=12,
+                                 layer_types=([S] * 5 + [F]) * 2, attention_k_eq_v=True,
+                                 num_global_key_value_heads=2, hidden_size_per_layer_input=0),
+                     drafter=dict(hidden_size=256, use_ordered_embeddings=False)),
+}
+COMMON = dict(vocab_size=32768, num_attention_heads=8, num_key_value_heads=4, head_dim=128, global_head_dim=256,
+              sliding_window=128, final_logit_softcapping=30.0)
+
+
+def build(shape: str, seed: int = 0):
+    """A random-weight target and its drafter (real computation, random weights)."""
+    mx.random.seed(seed)
+    spec = SHAPES[shape]
+    tcfg = TextConfig.from_dict({**COMMON, **spec["target"]})
+    target = Target(tcfg)
+    d = dict(spec["drafter"])
+    text = dict(vocab_size=tcfg.vocab_size, hidden_size=d.pop("hidden_size"), intermediate_size=1024,
+                num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=tcfg.num_key_value_heads,
+                head_dim=tcfg.head_dim, global_head_dim=tcfg.global_head_dim, layer_types=[S, S, S, F],
+                sliding_window=tcfg.sliding_window, attention_k_eq_v=tcfg.attention_k_eq_v,
+                num_global_key_value_heads=tcfg.num_global_key_value_heads)
+    drafter = Drafter(DrafterConfig.from_dict(dict(text_config=text, backbone_hidden_size=tcfg.hidden_size, **d)))
+    if drafter.config.use_ordered_embeddings:
+        perm = np.random.default_rng(seed).permutation(tcfg.vocab_size).astype(np.int32)
+        drafter.masked_embedding.token_ordering = mx.array(perm)
+    mx.eval(target.parameters(), drafter.parameters())
+    return target, drafter.bind(target)
+
+
+def nbytes(module) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
+
+
+def decode(target, drafter, prompt, n, k):
+    """(tokens, stats) of one generation; k: an int, "auto", or 0 for plain decoding."""
+    session = Session(target)
+    draft = DraftLength() if k == "auto" else DraftLength(fixed=k)
+    out, stats = [], None
+    for new, stats in generate_tokens(target, drafter if k else None, session, prompt, max_tokens=n, draft=draft):
+        out += new
+    return out, stats, session
+
+
+def step_costs(target, drafter, prompt, ks=(1, 2, 4, 7), reps=7):
+    """Median seconds of: one plain 1-token step, K drafter steps, one verify of K+1 tokens (each synced alone)."""
+    session = Session(target)
+    _, g, _ = session.prefill(prompt)
+    cache, x = session.cache, mx.array([[prompt[-1]]])
+
+    def timed(fn):
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            mx.eval(fn())
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    def verify(k):
+        def run():
+            out = target(mx.zeros((1, k + 1), mx.int32), cache)
+            return out
+
+        def once():
+            r = run()
+            mx.eval(r)
+            cache.rollback(k + 1)
+            return r
+        return once
+
+    costs = {"plain": timed(verify(0))}
+    for k in ks:
+        costs[f"draft{k}"] = timed(lambda: drafter.draft(x, g, cache, k))
+        costs[f"verify{k}"] = timed(verify(k))
+    return costs
+
+
+def limit_speedup(acceptance, k, costs):
+    """Expected tokens per round from measured per-position acceptance, over the measured round cost."""
+    tokens = 1 + sum(np.prod(acceptance[: j + 1]) for j in range(min(k, len(acceptance))))
+    return tokens * costs["plain"] / (costs[f"draft{k}"] + costs[f"verify{k}"])
+
+
+def quiet_enough(threshold: float = 0.5) -> bool:
+    return os.getloadavg()[0] < threshold + 1.0  # this process itself may count as one
+
+
+def blas_ok() -> tuple[bool, float]:
+    a = mx.random.normal((2048, 2048))
+    mx.eval(a)
+    t0 = time.perf_counter()
+    mx.eval(a @ a)
+    dt = time.perf_counter() - t0
+    return dt < 0.5, dt
+
+
+def run_shape(shape, alphas, ks, n_new, repeats, prompts):
+    target, drafter = build(shape)
+    res = dict(shape=shape, target_bytes=nbytes(target), drafter_bytes=nbytes(drafter), configs={})
+    plain_tps, references = [], {}
+    configs = [(a, "auto") for a in alphas] + [(0.7, k) for k in ks]
+    tps = {c: [] for c in configs}
+    acc = {c: [] for c in configs}
+    for rep in range(repeats):  # alternate plain and speculative runs so drift hits both
+        for p_i, prompt in enumerate(prompts):
+            out, st, sess = decode(target, None, prompt, n_new, 0)
+            plain_tps.append(st.tokens_per_second)
+            references[p_i] = prompt + out
+            res["kv_bytes_plain"] = sess.cache.nbytes()
+            for c in configs:
+                alpha, k = c
+                cd = ControlledDrafter(drafter, [references[p_i]], alpha, seed=rep * 100 + p_i)
+                spec_out, st, sess = decode(target, cd, prompt, n_new, k)
+                assert spec_out == out, f"{shape} α={alpha} K={k}: speculative output differs from plain greedy"
+                tps[c].append(st.tokens_per_second)
+                acc[c].append(st)
+                res["kv_bytes_spec"] = sess.cache.nbytes()
+    costs = step_costs(target, drafter, prompts[0])
+    res["step_costs_ms"] = {k: v * 1e3 for k, v in costs.items()}
+    res["plain_tps"] = statistics.median(plain_tps)
+    for c in configs:
+        alpha, k = c
+        stats = acc[c]
+        attempted = np.sum([s.attempted_by_position for s in stats], axis=0)
+        accepted = np.sum([s.accepted_by_position for s in stats], axis=0)
+        per_pos = [float(a / n) for a, n in zip(accepted, attempted) if n]
+        k_used = k if k != "auto" else int(round(np.mean([np.mean(s.k_history) for s in stats])))
+        speedup = statistics.median(tps[c]) / res["plain_tps"]
+        entry = dict(alpha=alpha, k=k, speedup=speedup, tps=statistics.median(tps[c]),
+                     mean_accepted_length=float(np.mean([s.mean_accepted_length for s in stats])),
+                     acceptance_by_position=per_pos, mean_k=float(np.mean([np.mean(s.k_history) for s in stats])))
+        if k_used and per_pos:
+            entry["limit"] = float(limit_speedup(per_pos, min(k_used, max(ks)), costs)) if min(k_used, max(ks)) in ks \
+                else None
+            if entry["limit"]:
+                entry["efficiency"] = speedup / entry["limit"]
+        res["configs"][f"alpha={alpha},K={k}"] = entry
+    return res, target
+
+
+def mlx_lm_plain(target, prompt, n_new, repeats):
+    """mlx-lm's own generate_step on the same weights (saved and loaded through mlx_lm.load), vs ours."""
+    from mlx_lm import load as mlx_lm_load
+    from mlx_lm.generate import generate_step
+
+    with tempfile.TemporaryDirectory() as d:
+        mx.save_safetensors(f"{d}/model.safetensors", dict(tree_flatten(target.parameters())),
+                            metadata={"format": "mlx"})
+        cfg = target.config.to_dict()
+        Path(d, "config.json").write_text(json.dumps(cfg))
+        Path(d, "tokenizer.json").write_text(_dummy_tokenizer(cfg["vocab_size"]))
+        model, _ = mlx_lm_load(d)
+    ours, theirs = [], []
+    for _ in range(repeats):
+        out, st, _ = decode(target, None, prompt, n_new, 0)
+        ours.append(st.tokens_per_second)
+        toks, t0 = [], None
+        for tok, _ in generate_step(mx.array(prompt), model, max_tokens=n_new):
+            if t0 is None:
+                t0 = time.perf_counter()
+            toks.append(int(tok))
+        theirs.append((len(toks) - 1) / (time.perf_counter() - t0))
+        assert toks == out, "mlx-lm's greedy output differs from ours"
+    return dict(ours_tps=statistics.median(ours), mlx_lm_tps=statistics.median(theirs),
+                ratio=statistics.median(ours) / statistics.median(theirs))
+
+
+def _dummy_tokenizer(vocab: int) -> str:
+    from tokenizers import Tokenizer, models
+
+    return Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0")).to_str()
+
+
+def table(results) -> str:
+    lines = ["| shape | α | K | speedup | limit | efficiency | tokens/round | acceptance by position | tok/s (CPU) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        for entry in r["configs"].values():
+            lim = f"{entry['limit']:.2f}x" if entry.get("limit") else "-"
+            eff = f"{entry['efficiency']:.2f}" if entry.get("efficiency") else "-"
+            pos = " ".join(f"{a:.2f}" for a in entry["acceptance_by_position"][:7]) or "-"
+            lines.append(f"| {r['shape']} | {entry['alpha']} | {entry['k']} (mean {entry['mean_k']:.1f}) | "
+                         f"{entry['speedup']:.2f}x | {lim} | {eff} | {entry['mean_accepted_length']:.2f} | {pos} | "
+                         f"{entry['tps']:.1f} vs {r['plain_tps']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(results, out: Path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install 'gemma-mlx[bench]'): no plots")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for r in results:
+        ks = [(e["k"], e["speedup"]) for e in r["configs"].values() if e["alpha"] == 0.7 and e["k"] != "auto"]
+        axes[0].plot([k for k, _ in ks], [s for _, s in ks], marker="o", label=r["shape"])
+        auto = r["configs"]["alpha=0.7,K=auto"]
+        axes[1].plot(range(1, len(auto["acceptance_by_position"]) + 1), auto["acceptance_by_position"], marker="o",
+                     label=r["shape"])
+    axes[0].axhline(1.0, color="gray", lw=0.5)
+    axes[0].set(xlabel="draft tokens K", ylabel="speedup vs plain (fp32, CPU)", title="speedup vs K (α = 0.7)")
+    axes[1].set(xlabel="draft position", ylabel="acceptance", title="acceptance per position (α = 0.7, K auto)",
+                ylim=(0, 1))
+    for a in axes:
+        a.legend()
+    fig.tight_layout()
+    fig.savefig(out / "speedup.png", dpi=110)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="one shape, fewer tokens (a smoke run)")
+    ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    ap.add_argument("--tokens", type=int, default=96)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = ap.parse_args(argv)
+    ok, dt = blas_ok()
+    print(f"BLAS: {_blas.status}; 2048³ fp32 matmul {dt:.3f}s")
+    if not ok and sys.platform.startswith("linux"):
+        print("MLX is on the reference BLAS (2048³ matmul > 0.5 s): speed figures would be meaningless; "
+              "install libopenblas0-pthread (make install does)")
+        return 1
+    if not quiet_enough():
+        print(f"warning: machine busy (load {os.getloadavg()[0]:.1f}); figures may be noisy")
+    shapes = args.shapes[:1] if args.quick else args.shapes
+    n_new = 24 if args.quick else args.tokens
+    rng = np.random.default_rng(0)
+    prompts = [[2] + rng.integers(3, 30000, n).tolist() for n in (40, 200)]
+    results, peers = [], {}
+    load_before = os.getloadavg()[0]
+    for shape in shapes:
+        t0 = time.time()
+        r, target = run_shape(shape, alphas=(0.0, 0.3, 0.5, 0.7, 0.9), ks=(1, 2, 4, 7), n_new=n_new,
+                              repeats=1 if args.quick else args.repeats, prompts=prompts[:1] if args.quick else prompts)
+        if shape == "31b-like" or args.quick:
+            peers[shape] = mlx_lm_plain(target, prompts[0], n_new, 1 if args.quick else args.repeats)
+        results.append(r)
+        print(f"{shape}: {time.time() - t0:.0f}s")
+    report = dict(machine=f"{platform.machine()} {os.cpu_count()} cores, CPU fp32", blas=_blas.status,
+                  load_before=load_before, load_after=os.getloadavg()[0],
+                  peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, results=results,
+                  mlx_lm_plain=peers)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "speed.json").write_text(json.dumps(report, indent=1))
+    md = table(results)
+    mem = "\n".join(f"- {r['shape']}: drafter/target bytes {r['drafter_bytes'] / r['target_bytes']:.3f}, "
+                    f"KV bytes plain {r['kv_bytes_plain']} vs with drafter {r['kv_bytes_spec']}" for r in results)
+    peer = "\n".join(f"- {s}: ours {p['ours_tps']:.1f} tok/s vs mlx-lm {p['mlx_lm_tps']:.1f} tok/s plain decoding "
+                     f"(ratio {p['ratio']:.2f}, same weights, identical tokens)" for s, p in peers.items())
+    text = (f"CPU figures ({report['machine']}, {report['blas']}), batch 1, greedy, medians of "
+            f"{args.repeats} alternating repeats; every speculative run asserted token-identical to plain.\n\n"
+            f"{md}\n\nMemory (peak RSS {report['peak_rss_mb']:.0f} MB):\n{mem}\n\nPeers:\n{peer}\n")
+    (args.out / "speed.md").write_text(text)
+    print(text)
+    plot(results, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
