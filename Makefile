@@ -28,5 +28,7 @@ bench: install
 	$(PYTHON) -m bench.run
 	$(PYTHON) -m bench.batch
 
+# Gemma 4 E2B + its assistant from the hub (converted once into ~/.cache/gemma-mlx): one answer with MTP, one without.
 demo: install
-	$(PYTHON) -m gemma_mlx.cli generate --demo
+	$(PYTHON) -m gemma_mlx.cli generate --prompt "Explain speculative decoding in two sentences." --max-tokens 96
+	$(PYTHON) -m gemma_mlx.cli generate --prompt "Explain speculative decoding in two sentences." --max-tokens 96 --drafter none
