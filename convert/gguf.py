@@ -59,7 +59,7 @@ class GGUFError(ValueError):
 
 
 def convert_gguf(gguf_path, out_dir, dtype: str = "bf16", quantize: int | None = None, group_size: int = 64,
-                 force: bool = False) -> Path:
+                 force: bool = False, progress: bool = False) -> Path:
     """Convert a Gemma 3 GGUF file into an MLX dir at `out_dir` (fp32/bf16/fp16, optionally 4/8-bit)."""
     try:
         from gguf import GGUFReader
@@ -77,8 +77,9 @@ def convert_gguf(gguf_path, out_dir, dtype: str = "bf16", quantize: int | None =
         raise GGUFError(f"{out} already exists (use --force to replace it)")
     try:
         reader = GGUFReader(path)
-    except (OSError, ValueError) as e:
-        raise GGUFError(f"{path}: not a readable GGUF file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    except (OSError, ValueError, IndexError, KeyError) as e:  # gguf-py's ways of rejecting a bad/truncated file
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise GGUFError(f"{path}: not a readable GGUF file ({why})") from None
     meta = read_metadata(reader)
     arch = meta.get("general.architecture")
     if arch != "gemma3":
@@ -99,7 +100,8 @@ def convert_gguf(gguf_path, out_dir, dtype: str = "bf16", quantize: int | None =
         plan.append((name, ours))
     missing = sorted(set(expected) - {ours for _, ours in plan})
     if missing:
-        raise GGUFError(f"missing tensor for {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise GGUFError(f"missing tensor for {missing[0]}{more}")
     tokenizer, tokenizer_config = build_tokenizer(meta)
 
     quantizable = q.quantizable_modules(model) if quantize else set()
@@ -107,9 +109,12 @@ def convert_gguf(gguf_path, out_dir, dtype: str = "bf16", quantize: int | None =
     overrides = {}
     with atomic_dir(out, force) as tmp:
         writer = ShardWriter(tmp)
-        for name, ours in plan:
+        for name, ours in _progress(plan, progress, f"converting {path.name}"):
             t = tensors[name]
-            value = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(expected[ours])
+            try:
+                value = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(expected[ours])
+            except NotImplementedError:
+                raise GGUFError(f"tensor {name}: gguf-py cannot dequantize {t.tensor_type.name}") from None
             if ours.endswith("norm.weight"):
                 value = value - 1.0  # llama.cpp stores Gemma norms as w + 1
             for k, v in _to_mlx(ours, mx.array(value).astype(DTYPES[dtype]), quantize, group_size, quantizable,
@@ -163,7 +168,8 @@ def gemma3_config(meta: dict, tensor_names: set) -> dict:
     for key in ("embedding_length", "block_count", "feed_forward_length", "attention.head_count"):
         if get(key) is None:
             raise GGUFError(f"GGUF metadata has no gemma3.{key}")
-    hidden, layers, heads = get("embedding_length"), get("block_count"), one("attention.head_count", get("attention.head_count"))
+    hidden, layers = get("embedding_length"), get("block_count")
+    heads = one("attention.head_count", get("attention.head_count"))
     head_dim = get("attention.key_length", hidden // heads)
     if get("attention.value_length", head_dim) != head_dim:
         raise GGUFError("attention.value_length != attention.key_length: not a Gemma 3 file")
@@ -184,8 +190,10 @@ def gemma3_config(meta: dict, tensor_names: set) -> dict:
         pad_token_id=meta.get("tokenizer.ggml.padding_token_id", 0),
         eos_token_id=eos_ids(meta, tokens),
     )
-    for key, field in (("context_length", "max_position_embeddings"), ("attention.layer_norm_rms_epsilon", "rms_norm_eps"),
-                       ("attention.sliding_window", "sliding_window"), ("rope.freq_base", "rope_theta"),
+    for key, field in (("context_length", "max_position_embeddings"),
+                       ("attention.layer_norm_rms_epsilon", "rms_norm_eps"),
+                       ("attention.sliding_window", "sliding_window"),
+                       ("rope.freq_base", "rope_theta"),
                        ("rope.freq_base_swa", "rope_local_base_freq"),
                        ("final_logit_softcapping", "final_logit_softcapping"),
                        ("attn_logit_softcapping", "attn_logit_softcapping")):
@@ -224,6 +232,19 @@ def _to_mlx(name, value, bits, group_size, quantizable, overrides) -> dict:
             overrides[module] = {"group_size": chosen[1], "bits": chosen[0]}
         return q.quantize(module, value, *chosen)
     return {name: value}
+
+
+def _progress(items, enabled: bool, label: str):
+    if not enabled:
+        yield from items
+        return
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task(label, total=len(items))
+        for item in items:
+            yield item
+            bar.advance(task)
 
 
 # --- tokenizer ------------------------------------------------------------------------------------------------

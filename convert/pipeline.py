@@ -50,10 +50,15 @@ def read_config(path: Path) -> dict:
 
 def convert(src, out, dtype: str = "bf16", quantize: int | None = None, group_size: int = 64, force: bool = False,
             progress: bool = True) -> Path:
-    """Convert a Hugging Face Gemma 4 target or assistant (local dir or hub id) into an MLX dir at `out`."""
+    """Convert a Hugging Face Gemma 4 target or assistant (local dir or hub id), or a Gemma 3 GGUF file, into an
+    MLX dir at `out`."""
+    from .gguf import GGUFError, convert_gguf
+
     try:
+        if str(src).endswith(".gguf"):
+            return convert_gguf(src, out, dtype, quantize, group_size, force, progress)
         return _convert(str(src), Path(out), dtype, quantize, group_size, force, progress)
-    except (ConfigError, SafetensorsError, SourceError, q.QuantizeError) as e:
+    except (ConfigError, SafetensorsError, SourceError, q.QuantizeError, GGUFError) as e:
         raise ConvertError(str(e)) from None
 
 

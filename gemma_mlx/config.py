@@ -13,7 +13,7 @@ from typing import Optional
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
-TARGET_TYPES = ("gemma4_text", "gemma4", "gemma4_unified", "gemma4_unified_text")
+TARGET_TYPES = ("gemma4_text", "gemma4", "gemma4_unified", "gemma4_unified_text", "gemma3_text", "gemma3")
 DRAFTER_TYPES = ("gemma4_assistant", "gemma4_unified_assistant")
 
 

@@ -132,7 +132,8 @@ class Gemma3Config:
         d["rope_scaling"] = None if full["rope_type"] == "default" else {k: v for k, v in full.items()
                                                                            if k != "rope_theta"}
         pattern = self.layer_types.index(FULL) + 1 if FULL in self.layer_types else 0
-        if pattern and self.layer_types == [SLIDING if (i + 1) % pattern else FULL for i in range(len(self.layer_types))]:
+        periodic = [SLIDING if (i + 1) % pattern else FULL for i in range(self.num_hidden_layers)] if pattern else None
+        if self.layer_types == periodic:
             d["sliding_window_pattern"] = pattern
         return d
 
@@ -143,7 +144,8 @@ def _resolve_rope(params: Optional[dict], raw: dict) -> dict:
     params = {t: dict(p) for t, p in (params or {}).items() if p is not None}
     if extra := set(params) - {SLIDING, FULL}:
         raise ConfigError(f"rope_parameters must be given per layer type, not {sorted(extra)[0]!r}")
-    full, local = params.setdefault(FULL, {"rope_type": "default"}), params.setdefault(SLIDING, {"rope_type": "default"})
+    full = params.setdefault(FULL, {"rope_type": "default"})
+    local = params.setdefault(SLIDING, {"rope_type": "default"})
     if raw.get("rope_scaling"):
         full.update(raw["rope_scaling"])
     full.setdefault("rope_theta", raw.get("rope_theta", 1_000_000.0))
@@ -164,6 +166,18 @@ def gemma3_text_config_of(raw: dict) -> dict:
     if raw.get("model_type") == "gemma3":
         return raw.get("text_config") or {}
     return raw
+
+
+def hf_key(key: str, cfg: Gemma3Config) -> str | None:
+    """Our name for a checkpoint tensor, or None to drop it. `Gemma3ForCausalLM` names are ours; the multimodal
+    `Gemma3ForConditionalGeneration` keeps the text stack under `model.language_model.` (towers dropped), mlx-lm's
+    `gemma3` wrapper under `language_model.model.`; a tied head is dropped."""
+    key = key.removeprefix("language_model.").replace("model.language_model.", "model.", 1)
+    if key.removeprefix("model.").startswith(DROPPED_PREFIXES) or key.endswith("rotary_emb.inv_freq"):
+        return None
+    if key == "lm_head.weight" and cfg.tie_word_embeddings:
+        return None
+    return key
 
 
 class RMSNorm(nn.Module):
@@ -300,17 +314,8 @@ class Gemma3Target(nn.Module):
         return logits, hidden
 
     def sanitize(self, weights: dict) -> dict:
-        """Accept the HF layouts too: `Gemma3ForCausalLM` (same names), `Gemma3ForConditionalGeneration`
-        (`model.language_model.*`, towers dropped) and mlx-lm's `gemma3` wrapper (`language_model.model.*`)."""
-        out = {}
-        for k, v in weights.items():
-            k = k.removeprefix("language_model.").replace("model.language_model.", "model.", 1)
-            if k.removeprefix("model.").startswith(DROPPED_PREFIXES) or k.endswith("rotary_emb.inv_freq"):
-                continue
-            if k == "lm_head.weight" and self.config.tie_word_embeddings:
-                continue
-            out[k] = v
-        return out
+        """Accept the HF layouts too (see `hf_key`)."""
+        return {name: v for k, v in weights.items() if (name := hf_key(k, self.config)) is not None}
 
     @classmethod
     def from_config_dict(cls, raw: dict) -> "Gemma3Target":

@@ -17,6 +17,7 @@ from mlx_lm.utils import load_model, load_tokenizer
 
 from .config import ConfigError, DrafterConfig, TextConfig, model_kind, text_config_of
 from .drafter import Drafter
+from .gemma3 import TARGET_TYPES as GEMMA3_TYPES, Gemma3Config, Gemma3Target, gemma3_text_config_of
 from .target import Target
 
 
@@ -44,10 +45,11 @@ def resolve(source: str | Path, dtype: str = "bf16", progress: bool = True) -> P
     path = Path(source).expanduser()
     if path.is_dir() and is_mlx_checkpoint(path):
         return path
-    if not path.is_dir() and (path.exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") != 1):
+    if not path.is_dir() and path.suffix != ".gguf" and (path.exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") != 1):
         raise LoadError(f"{source}: no such model directory (and not a hub id like 'google/gemma-4-e2b-it')")
-    tag = hashlib.sha256(f"{path.resolve() if path.is_dir() else source}|{dtype}".encode()).hexdigest()[:12]
-    name = (path.name if path.is_dir() else str(source).replace("/", "--")) + f"-{dtype}-{tag}"
+    local = path.exists()
+    tag = hashlib.sha256(f"{path.resolve() if local else source}|{dtype}".encode()).hexdigest()[:12]
+    name = (path.name if local else str(source).replace("/", "--")) + f"-{dtype}-{tag}"
     out = cache_home() / "converted" / name
     if not (out / "config.json").exists():
         from .convert import ConvertError
@@ -69,7 +71,15 @@ class _DrafterArgs:
     from_dict = staticmethod(DrafterConfig.from_dict)
 
 
+class _Gemma3Args:
+    @staticmethod
+    def from_dict(raw: dict) -> Gemma3Config:
+        return Gemma3Config.from_dict(gemma3_text_config_of(raw))
+
+
 def _classes(config: dict):
+    if config.get("model_type") in GEMMA3_TYPES:
+        return Gemma3Target, _Gemma3Args
     return (Target, _TargetArgs) if model_kind(config) == "target" else (Drafter, _DrafterArgs)
 
 
@@ -105,7 +115,7 @@ def load_target(source, dtype: str = "bf16", progress: bool = True):
     """(Target, tokenizer wrapper, path) for a target source."""
     path = resolve(source, dtype, progress)
     model = load_checkpoint(path)
-    if not isinstance(model, Target):
+    if isinstance(model, Drafter):
         raise LoadError(f"{source} is a drafter ({model.config.model_type}), not a target model")
     try:
         tokenizer = load_tokenizer(path, eos_token_ids=eos_ids(path, read_config(path)))

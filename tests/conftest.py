@@ -1,5 +1,7 @@
-"""Session fixtures: tiny transformers checkpoints (the oracle, tests/hf_reference.py), their conversions by our
-converter, and the loaded MLX models, each built once per session."""
+"""Session fixtures: tiny transformers checkpoints (the oracle, tests/oracle.py), their conversions by our converter,
+and the loaded MLX models, each built lazily on first use and at most once per session.
+
+tests/ has no __init__.py: it is put on sys.path here so test modules can `from oracle import ...`."""
 
 import sys
 from pathlib import Path
@@ -14,8 +16,9 @@ import gemma_mlx  # noqa: E402,F401  (OpenBLAS before anything imports mlx.core)
 
 @pytest.fixture(scope="session")
 def hf_dir(tmp_path_factory):
-    """Transformers checkpoint dir of a target variant (hf_reference.VARIANTS)."""
-    from hf_reference import build_target
+    """hf_dir(name) -> Path: transformers checkpoint dir of an oracle target (oracle.TARGETS: a VARIANTS name, "moe8",
+    "mm"; suffix "-calm" for the conditioned copy), with tokenizer and generation_config."""
+    from oracle import build_target
 
     made = {}
 
@@ -29,12 +32,14 @@ def hf_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def hf_drafter_dir(tmp_path_factory):
-    """Transformers checkpoint dir of the assistant for a target variant (dense or centroid head)."""
-    from hf_reference import build_drafter
+    """hf_drafter_dir(name, ordered) -> Path: transformers checkpoint dir of the gemma4_assistant for target `name`
+    (ordered=False: dense LM head; True: centroid/ordered head)."""
+    from oracle import build_drafter
 
     made = {}
 
     def get(name, ordered):
+        ordered = bool(ordered)
         if (name, ordered) not in made:
             made[name, ordered] = build_drafter(name, ordered, tmp_path_factory.mktemp("hf") / f"{name}-a{ordered:d}")
         return made[name, ordered]

@@ -5,7 +5,7 @@ import gemma_mlx  # noqa: F401
 import mlx.core as mx
 import numpy as np
 import pytest
-from hf_reference import hf_greedy
+from oracle import hf_greedy
 
 from bench.controlled import ControlledDrafter
 from gemma_mlx.batch import BatchDecoder

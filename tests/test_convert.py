@@ -14,7 +14,7 @@ import gemma_mlx  # noqa: F401
 import mlx.core as mx
 import numpy as np
 import pytest
-from hf_reference import hf_forward
+from oracle import hf_forward
 
 from gemma_mlx.convert import ConvertError, convert, is_mlx_checkpoint
 

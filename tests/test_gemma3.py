@@ -28,9 +28,9 @@ VARIANTS = {
     "plain": dict(layer_types=[S, S, F, S, S, F]),
     # one KV head; last layer sliding (Gemma 3 does not force it full); linear RoPE scaling and bases of its own
     # on the full layers; query_pre_attn_scalar != head_dim; an untied head with a final softcap
-    "mqa": dict(num_key_value_heads=1, layer_types=[S, F, S, S, F, S], rope_scaling={"rope_type": "linear", "factor": 8.0},
-                rope_theta=50_000.0, rope_local_base_freq=1_000.0, query_pre_attn_scalar=24,
-                tie_word_embeddings=False, final_logit_softcapping=30.0),
+    "mqa": dict(num_key_value_heads=1, layer_types=[S, F, S, S, F, S],
+                rope_scaling={"rope_type": "linear", "factor": 8.0}, rope_theta=50_000.0, rope_local_base_freq=1_000.0,
+                query_pre_attn_scalar=24, tie_word_embeddings=False, final_logit_softcapping=30.0),
 }
 rng = np.random.default_rng(1)
 SHORT = [2] + rng.integers(3, 500, 4).tolist()  # < W
@@ -155,6 +155,18 @@ def test_geometry_serves_cache_and_drafter():
     assert (cfg.layer_head_dim(1), cfg.layer_kv_heads(1)) == (16, 1)
     cache = Gemma3Target(cfg).make_cache(chunk=4)
     assert [c.ring_capacity for c in cache.layers] == [12, None, 12, 12, None, 12]
+    wrapped = Gemma3Target.from_config_dict({"model_type": "gemma3", "text_config": {**BASE, **VARIANTS["mqa"]}})
+    assert wrapped.config == cfg  # the multimodal wrapper's text stack
+
+
+def test_sanitize_accepts_hf_and_mlx_lm_layouts():
+    target = Gemma3Target(Gemma3Config.from_dict(BASE))
+    w = mx.zeros((1,))
+    names = {"model.language_model.layers.0.mlp.up_proj.weight", "model.vision_tower.x.weight",
+             "model.multi_modal_projector.mm_input_projection_weight", "lm_head.weight",
+             "language_model.model.norm.weight", "vision_tower.y.weight", "model.embed_tokens.weight"}
+    assert set(target.sanitize({k: w for k in names})) == {"model.layers.0.mlp.up_proj.weight", "model.norm.weight",
+                                                             "model.embed_tokens.weight"}
 
 
 # --- forward against transformers ------------------------------------------------------------------------------

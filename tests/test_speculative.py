@@ -5,7 +5,7 @@ import gemma_mlx  # noqa: F401
 import mlx.core as mx
 import numpy as np
 import pytest
-from hf_reference import hf_drafter_call, hf_embed_scaled, hf_forward, hf_greedy, hf_shared_kv
+from oracle import hf_drafter_call, hf_embed_scaled, hf_forward, hf_greedy, hf_shared_kv
 
 from bench.controlled import ControlledDrafter
 from gemma_mlx.cache import LayerCache

@@ -5,7 +5,7 @@ import gemma_mlx  # noqa: F401
 import mlx.core as mx
 import numpy as np
 import pytest
-from hf_reference import hf_forward
+from oracle import hf_forward
 
 VARIANTS = ["plain", "nosoftcap", "kvshared", "ple", "moe", "keqv", "e2blike", "mm"]
 W = 8
@@ -77,7 +77,7 @@ def test_decode_with_rollbacks_equals_never_having_decoded(variant, mlx_target, 
 @pytest.mark.parametrize("bits,agreement", [(8, 0.95), (4, 0.85)])
 @pytest.mark.parametrize("variant", ["plain", "moe", "keqv", "e2blike"])
 def test_quantized_conversions_agree_with_fp32(variant, bits, agreement, mlx_target):
-    """On well-conditioned tiny models (hf_reference.calm); group size 64."""
+    """On well-conditioned tiny models (oracle.calm); group size 64."""
     fp32, quant = mlx_target(variant + "-calm"), mlx_target(variant + "-calm", quantize=bits)
     ids = [2] + np.random.default_rng(4).integers(3, 500, 255).tolist()  # 256 positions: a stable estimate
     a, _ = fp32(mx.array([ids]), fp32.make_cache(chunk=256))
