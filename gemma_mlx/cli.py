@@ -376,6 +376,29 @@ def info(
                   f"{d.config.text.hidden_size}, {'centroid' if d.config.use_ordered_embeddings else 'dense'} head")
 
 
+@app.command()
+@user_errors
+def serve(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Target dir or hub id [default: {DEFAULT_MODEL}]."),
+    drafter: Optional[str] = typer.Option(None, "--drafter", "-d", help="Drafter dir or hub id, or 'none'."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
+    port: int = typer.Option(8080, "--port", help="Port."),
+    max_batch: int = typer.Option(8, "--max-batch", help="Most requests decoded together."),
+    draft_tokens: str = typer.Option("auto", "--draft-tokens", "-k", help="Drafted tokens per round: N or auto."),
+):
+    """An OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /health); concurrent
+    requests share batched MTP rounds."""
+    from .server import serve as run
+
+    if max_batch < 1:
+        raise UserError(f"--max-batch must be >= 1, got {max_batch}")
+    draft = parse_draft(draft_tokens)
+    engine = load_engine(model, drafter)
+    model_id = Path(model).name if model and Path(model).is_dir() else (model or DEFAULT_MODEL)
+    err.print(f"serving {model_id} on http://{host}:{port}/v1 (drafter: {'yes' if engine.drafter else 'none'})")
+    run(engine, model_id, host, port, max_batch, draft)
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench(ctx: typer.Context, batch: bool = typer.Option(False, "--batch", help="The batch-mode bench instead.")):
     """Measure MTP vs plain decoding on scaled-down random-weight Gemma 4 shapes (README, "Performance").

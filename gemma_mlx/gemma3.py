@@ -201,6 +201,7 @@ class RoPE(nn.Module):
         factor = params.get("factor", 1.0) if params["rope_type"] == "linear" else 1.0
         self.dims = head_dim
         self._freqs = factor * params["rope_theta"] ** (mx.arange(0, head_dim, 2, dtype=mx.float32) / head_dim)
+        mx.eval(self._freqs)  # a constant: evaluate now, so any thread can use it (MLX streams are per thread)
 
     def __call__(self, x: mx.array, offset: mx.array) -> mx.array:
         return mx.fast.rope(x, self.dims, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._freqs)

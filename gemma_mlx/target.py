@@ -36,6 +36,7 @@ class RoPE(nn.Module):
             self._freqs = base ** (mx.arange(0, head_dim, 2, dtype=mx.float32) / head_dim)
         else:
             raise ConfigError(f"rope {params} is not supported")
+        mx.eval(self._freqs)  # a constant: evaluate now, so any thread can use it (MLX streams are per thread)
 
     def __call__(self, x: mx.array, offset: mx.array) -> mx.array:
         return mx.fast.rope(x, self.dims, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._freqs)

@@ -1,0 +1,280 @@
+"""gemma-mlx serve: an OpenAI-compatible HTTP server whose concurrent requests share batched MTP rounds.
+
+One worker thread owns the model and runs rounds (batch.py); requests join the batch between rounds and leave when
+they finish or their client disconnects. Requests with the same sampling settings share a batch (greedy ones all
+do); a request with a `seed` gets a batch of its own so its samples are reproducible. HTTP is Starlette + uvicorn.
+
+Beyond OpenAI's fields, responses carry `mtp`: mean tokens per round, acceptance, and acceptance per draft position.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Optional
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from .batch import BatchDecoder, Row
+from .generate import Engine, _partial_stop, draft_length
+from .sampling import SamplingParams
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, status: int = 400, param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.param, self.code = status, param, code
+
+
+def error(message: str, status: int = 400, param=None, code=None, kind="invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+
+
+@dataclass
+class Job:
+    """One request in the scheduler: its prompt and settings, and where its tokens go."""
+
+    prompt: list
+    max_tokens: int
+    params: SamplingParams
+    stops: tuple
+    seed: Optional[int]
+    loop: asyncio.AbstractEventLoop
+    updates: asyncio.Queue = field(default_factory=asyncio.Queue)
+    row: Optional[Row] = None
+    sent: int = 0
+    cancelled: bool = False
+
+    def publish(self, final_error: Optional[str] = None):
+        """From the worker thread: hand new tokens (and the end) to the request's event loop."""
+        new = self.row.tokens[self.sent:] if self.row else []
+        self.sent += len(new)
+        done = final_error or (self.row.finish_reason if self.row else None)
+        if new or done:
+            self.loop.call_soon_threadsafe(self.updates.put_nowait, (new, done))
+
+
+class Scheduler:
+    """The worker thread: admits jobs between rounds (up to max_batch rows in all), steps every active batch."""
+
+    def __init__(self, engine: Engine, max_batch: int = 8, draft_tokens="auto"):
+        self.engine, self.max_batch, self.draft_tokens = engine, max_batch, draft_tokens
+        self.waiting: queue.Queue[Job] = queue.Queue()
+        self.batches: dict[tuple, tuple[BatchDecoder, list[Job]]] = {}
+        self.wake = threading.Event()
+        self.ids = itertools.count()
+        threading.Thread(target=self._run, daemon=True, name="gemma-mlx-rounds").start()
+
+    def submit(self, job: Job):
+        self.waiting.put(job)
+        self.wake.set()
+
+    def _run(self):
+        while True:
+            try:
+                self._admit()
+                active = [(d, jobs) for d, jobs in self.batches.values() if d.rows]
+                if not active:
+                    self.wake.wait(0.5)
+                    self.wake.clear()
+                    continue
+                for decoder, jobs in active:
+                    for job in jobs:
+                        if job.cancelled and job.row.finish_reason is None:
+                            job.row.finish_reason = "cancelled"  # the decoder drops it after this round
+                    decoder.step()
+                    for job in list(jobs):
+                        job.publish()
+                        if job.row.finish_reason is not None:
+                            jobs.remove(job)
+            except Exception as e:  # the server never dies from a request: fail the jobs in flight, keep going
+                for decoder, jobs in self.batches.values():
+                    for job in jobs:
+                        job.publish(final_error=f"internal error: {e}")
+                self.batches.clear()
+
+    def _admit(self):
+        while sum(len(d.rows) for d, _ in self.batches.values()) < self.max_batch:
+            try:
+                job = self.waiting.get_nowait()
+            except queue.Empty:
+                return
+            if job.cancelled:
+                continue
+            key = (job.params, job.seed if job.seed is not None else None)
+            if job.seed is not None or key not in self.batches:
+                key = key if job.seed is None else (job.params, job.seed, next(self.ids))
+                engine = self.engine
+                self.batches[key] = (BatchDecoder(engine.target, engine.drafter, job.params,
+                                                  draft_length(0 if engine.drafter is None else self.draft_tokens),
+                                                  engine.eos_ids, engine.tokenizer, engine.chunk, job.seed), [])
+            decoder, jobs = self.batches[key]
+            job.row = decoder.add(job.prompt, job.max_tokens, job.stops)
+            job.publish()
+            if job.row.finish_reason is None:
+                jobs.append(job)
+
+
+# --- HTTP ---------------------------------------------------------------------------------------------------------
+
+
+def build_app(engine: Engine, model_id: str, max_batch: int = 8, draft_tokens="auto") -> Starlette:
+    scheduler = Scheduler(engine, max_batch, draft_tokens)
+    context = engine.target.config.max_position_embeddings
+    created = int(time.time())
+
+    async def health(request: Request):
+        return JSONResponse({"status": "ok", "model": model_id, "drafter": engine.drafter is not None})
+
+    async def models(request: Request):
+        return JSONResponse({"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
+                                                          "owned_by": "gemma-mlx"}]})
+
+    async def parse(request: Request, chat: bool) -> tuple[Job, dict]:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise BadRequest("request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise BadRequest("request body must be a JSON object")
+        if body.get("model") not in (None, model_id, "default"):
+            raise BadRequest(f"model {body.get('model')!r} does not exist (this server runs {model_id!r})", 404,
+                             "model", "model_not_found")
+        if chat:
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages or not all(
+                    isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in messages):
+                raise BadRequest("messages must be a non-empty list of {role, content} objects", param="messages")
+            prompt = engine.encode([{"role": m["role"], "content": m["content"]} for m in messages])
+        else:
+            text = body.get("prompt")
+            if not isinstance(text, str) or not text:
+                raise BadRequest("prompt must be a non-empty string", param="prompt")
+            prompt = engine.encode(text)
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 256))
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise BadRequest("max_tokens must be a positive integer", param="max_tokens")
+        if len(prompt) + max_tokens > context:
+            raise BadRequest(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the context "
+                             f"({context} tokens)", param="messages" if chat else "prompt",
+                             code="context_length_exceeded")
+        temperature, top_p = body.get("temperature"), body.get("top_p")  # OpenAI's defaults: 1 and 1
+        try:
+            params = SamplingParams(1.0 if temperature is None else float(temperature), 1.0 if top_p is None else float(top_p))
+        except (TypeError, ValueError) as e:
+            raise BadRequest(str(e), param="temperature") from None
+        stop = body.get("stop") or ()
+        stops = (stop,) if isinstance(stop, str) else tuple(stop)
+        if not all(isinstance(s, str) for s in stops):
+            raise BadRequest("stop must be a string or a list of strings", param="stop")
+        seed = body.get("seed")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise BadRequest("seed must be an integer", param="seed")
+        job = Job(prompt, max_tokens, params, stops, seed, asyncio.get_running_loop())
+        return job, body
+
+    def text_of(tokens, stops, final: bool) -> str:
+        """Decoded text so far: cut at a stop string, holding back what could still become one (or half a char)."""
+        text = engine.tokenizer.decode([t for t in tokens if t not in engine.eos_ids])
+        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+        if cut >= 0:
+            return text[:cut]
+        if final:
+            return text
+        text = text[: len(text) - _partial_stop(text, list(stops))]
+        return text.rstrip("\ufffd")
+
+    def usage(job: Job) -> dict:
+        return {"prompt_tokens": len(job.prompt), "completion_tokens": len(job.row.tokens),
+                "total_tokens": len(job.prompt) + len(job.row.tokens)}
+
+    def mtp(job: Job) -> dict:
+        st = job.row.stats
+        return {"mean_accepted_length": st.mean_accepted_length, "acceptance": st.acceptance,
+                "acceptance_by_position": st.acceptance_by_position, "rounds": st.rounds}
+
+    async def completion(request: Request, chat: bool):
+        try:
+            job, body = await parse(request, chat)
+        except BadRequest as e:
+            return error(str(e), e.status, e.param, e.code)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        scheduler.submit(job)
+        obj = "chat.completion" if chat else "text_completion"
+        if not body.get("stream"):
+            tokens, finish = [], None
+            while finish is None:
+                new, finish = await job.updates.get()
+                tokens += new
+            if finish not in ("stop", "length"):
+                return error(finish, 500, kind="server_error")
+            text = text_of(tokens, job.stops, True)
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                      if chat else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
+            return JSONResponse({"id": rid, "object": obj, "created": int(time.time()), "model": model_id,
+                                 "choices": [choice], "usage": usage(job), "mtp": mtp(job)})
+        return StreamingResponse(stream(job, rid, chat), media_type="text/event-stream")
+
+    async def stream(job: Job, rid: str, chat: bool):
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(delta: Optional[str], finish=None, role=False, extra=None):
+            if chat:
+                d = {"role": "assistant", "content": ""} if role else ({} if delta is None else {"content": delta})
+                choice = {"index": 0, "delta": d, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+            payload = {"id": rid, "object": obj, "created": int(time.time()), "model": model_id, "choices": [choice]}
+            payload.update(extra or {})
+            return f"data: {json.dumps(payload)}\n\n"
+
+        tokens, sent, finish = [], "", None
+        try:
+            if chat:
+                yield chunk(None, role=True)
+            while finish is None:
+                new, finish = await job.updates.get()
+                tokens += new
+                text = text_of(tokens, job.stops, finish is not None)
+                if len(text) > len(sent):
+                    yield chunk(text[len(sent):])
+                    sent = text
+            if finish not in ("stop", "length"):
+                yield f"data: {json.dumps({'error': {'message': finish, 'type': 'server_error'}})}\n\n"
+            else:
+                yield chunk(None, finish=finish, extra={"usage": usage(job), "mtp": mtp(job)})
+            yield "data: [DONE]\n\n"
+        finally:
+            if finish is None:  # the client went away mid-stream: free its row at the next round
+                job.cancelled = True
+                scheduler.wake.set()
+
+    async def chat_completions(request):
+        return await completion(request, chat=True)
+
+    async def completions(request):
+        return await completion(request, chat=False)
+
+    app = Starlette(routes=[
+        Route("/health", health), Route("/v1/models", models),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+    ])
+    app.state.scheduler = scheduler
+    return app
+
+
+def serve(engine: Engine, model_id: str, host: str = "127.0.0.1", port: int = 8080, max_batch: int = 8,
+          draft_tokens="auto"):
+    import uvicorn
+
+    uvicorn.run(build_app(engine, model_id, max_batch, draft_tokens), host=host, port=port, log_level="warning")

@@ -1,0 +1,147 @@
+"""gemma-mlx serve with the official `openai` client against a live server on a tiny pair (loopback only)."""
+
+import concurrent.futures as futures
+import json
+import socket
+import threading
+import time
+
+import httpx2 as httpx  # the HTTP client the openai package uses
+import openai
+import pytest
+import uvicorn
+
+import gemma_mlx
+from gemma_mlx.server import build_app
+
+PROMPTS = ["the quick brown fox", "why is the sky blue", "tell me about the river", "one two three four",
+           "the old man and the sea", "a b c d e f", "where is the house", "what do you think"]
+
+
+@pytest.fixture(scope="module")
+def server(mlx_dir):
+    engine = gemma_mlx.load(mlx_dir("e2blike"), drafter=mlx_dir("e2blike", ordered=True))
+    app = build_app(engine, "tiny", max_batch=8, draft_tokens=3)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    # a second engine on the same weights: each request served alone, for comparison
+    solo = gemma_mlx.load(mlx_dir("e2blike"), drafter=mlx_dir("e2blike", ordered=True))
+    yield dict(url=f"http://127.0.0.1:{port}", app=app, solo=solo)
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def client(server):
+    return openai.OpenAI(base_url=server["url"] + "/v1", api_key="none", max_retries=0, timeout=60)
+
+
+def alone(server, prompt, n=20):
+    return gemma_mlx.generate(server["solo"], [{"role": "user", "content": prompt}], max_tokens=n,
+                              reuse_cache=False).text
+
+
+def test_models_and_health(server):
+    assert [m.id for m in client(server).models.list().data] == ["tiny"]
+    assert httpx.get(server["url"] + "/health").json()["status"] == "ok"
+
+
+def test_chat_non_streaming_equals_serving_alone(server):
+    r = client(server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPTS[0]}],
+                                               max_tokens=20, temperature=0)
+    assert r.choices[0].message.content == alone(server, PROMPTS[0])
+    assert r.usage.completion_tokens == 20 and r.choices[0].finish_reason == "length"
+    assert r.model_extra["mtp"]["rounds"] >= 1
+
+
+def test_chat_streaming_matches_non_streaming(server):
+    c = client(server)
+    stream = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPTS[1]}],
+                                       max_tokens=24, temperature=0, stream=True)
+    chunks = list(stream)
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks)
+    assert text == alone(server, PROMPTS[1], 24)
+    assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].usage.completion_tokens == 24
+    assert chunks[-1].model_extra["mtp"]["rounds"] >= 1
+
+
+def test_completions_endpoint_and_stop_strings(server):
+    c = client(server)
+    full = c.completions.create(model="tiny", prompt="the quick brown fox", max_tokens=16, temperature=0)
+    text = full.choices[0].text
+    stop = text.split()[2] if len(text.split()) > 2 else text[-2:]
+    cut = c.completions.create(model="tiny", prompt="the quick brown fox", max_tokens=16, temperature=0, stop=[stop])
+    assert cut.choices[0].text == text[: text.find(stop)] and cut.choices[0].finish_reason == "stop"
+
+
+def test_eight_concurrent_requests_each_equal_their_solo_run(server):
+    c = client(server)
+
+    def ask(p):
+        return c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": p}], max_tokens=20,
+                                         temperature=0).choices[0].message.content
+
+    with futures.ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(ask, PROMPTS))
+    assert got == [alone(server, p) for p in PROMPTS]
+
+
+def test_a_client_that_disconnects_frees_its_row(server):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": PROMPTS[2]}], "max_tokens": 400,
+            "temperature": 0, "stream": True}
+    with httpx.stream("POST", server["url"] + "/v1/chat/completions", json=body, timeout=30) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 4:
+                break
+    scheduler = server["app"].state.scheduler
+    for _ in range(100):
+        if not any(d.rows for d, _ in scheduler.batches.values()):
+            break
+        time.sleep(0.05)
+    assert not any(d.rows for d, _ in scheduler.batches.values())
+    assert client(server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                  max_tokens=3, temperature=0).usage.completion_tokens == 3
+
+
+@pytest.mark.parametrize("body,status,message", [
+    (b"{not json", 400, "not valid JSON"),
+    ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "does not exist"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}, 400, "max_tokens"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "word " * 600}]}, 400, "exceeds the context"),
+    ({"model": "tiny", "messages": []}, 400, "messages"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature"),
+])
+def test_bad_requests_get_the_openai_error_shape(server, body, status, message):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(server["url"] + "/v1/chat/completions", content=data,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert message in err["message"] and {"message", "type", "param", "code"} <= set(err)
+    assert httpx.get(server["url"] + "/health").status_code == 200  # still alive
+
+
+def test_load_32_requests_at_concurrency_8(server):
+    c = client(server)
+
+    def ask(i):
+        r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPTS[i % 8] + f" {i}"}],
+                                      max_tokens=24, temperature=0)
+        return r.usage.completion_tokens
+
+    t0 = time.perf_counter()
+    with futures.ThreadPoolExecutor(8) as pool:
+        tokens = list(pool.map(ask, range(32)))
+    concurrent = sum(tokens) / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    sequential = sum(ask(i) for i in range(8)) / (time.perf_counter() - t0)
+    print(f"32 requests at concurrency 8: {concurrent:.0f} tok/s aggregate vs {sequential:.0f} tok/s one at a time "
+          f"(ratio {concurrent / sequential:.2f}, CPU, tiny model)")
+    assert len(tokens) == 32 and all(t == 24 for t in tokens)
