@@ -23,10 +23,11 @@ def test_every_readme_command_runs(hf_dir, hf_drafter_dir, tmp_path, monkeypatch
            "google/gemma-4-e2b-it": str(hf_dir("e2blike"))}
     (tmp_path / "prompts.txt").write_text("Tell me a joke.\nName three rivers.\nWhy is the sky blue?\n")
     commands = [line for block in blocks("bash") for line in block.splitlines() if line.startswith("gemma-mlx ")]
-    assert len(commands) >= 9
+    assert len(commands) >= 10
     convert_first = sorted(commands, key=lambda c: not c.startswith("gemma-mlx convert"))
     # the bare `gemma-mlx chat` uses the default model: point it at the tiny converted target
     monkeypatch.setattr(cli, "DEFAULT_MODEL", str(tmp_path / "models" / "e2b"))
+    monkeypatch.setattr("gemma_mlx.server.serve", serve_then_run_the_readme_client)
     for command in convert_first:
         for hub_id, local in hub.items():
             command = command.replace(hub_id, local)
@@ -35,13 +36,42 @@ def test_every_readme_command_runs(hf_dir, hf_drafter_dir, tmp_path, monkeypatch
         assert result.exit_code == 0, f"{command}\n{result.output}"
 
 
+def serve_then_run_the_readme_client(engine, model_id, host, port, max_batch, draft_tokens):
+    """Stands in for the blocking `serve`: the same app on a free loopback port, queried by the README's snippet."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from gemma_mlx.server import build_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(build_app(engine, model_id, max_batch, draft_tokens), host=host, port=free,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        code = next(b for b in blocks("python") if "OpenAI(" in b).replace(f":{port}/", f":{free}/")
+        scope = {}
+        exec(compile(code, "README.md", "exec"), scope)
+        assert scope["reply"].choices[0].message.content is not None
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
 def test_readme_python_example_runs(mlx_dir, tmp_path, monkeypatch):
     import shutil
 
     monkeypatch.chdir(tmp_path)
     shutil.copytree(mlx_dir("e2blike"), tmp_path / "models" / "e2b")
     shutil.copytree(mlx_dir("e2blike", ordered=True), tmp_path / "models" / "e2b-assistant")
-    (code,) = blocks("python")
+    code = next(b for b in blocks("python") if "gemma_mlx.load" in b)
     scope = {}
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["result"].stats.generated_tokens >= 1 and len(scope["results"]) == 2
