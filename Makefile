@@ -2,8 +2,8 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 PYTEST := $(PYTHON) -m pytest
-EXTRAS := $(if $(filter Linux,$(shell uname -s)),cpu$(comma),)test
 comma := ,
+EXTRAS := $(if $(filter Linux,$(shell uname -s)),cpu$(comma),)test
 
 .PHONY: install test test-slow bench demo blas
 
