@@ -265,6 +265,7 @@ def main(argv=None):
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prompts", type=int, default=2, help="1: a 200-token prompt (> W); 2: plus a 40-token one")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args(argv)
     ok, dt = blas_ok()
@@ -278,7 +279,7 @@ def main(argv=None):
     shapes = args.shapes[:1] if args.quick else args.shapes
     n_new = 24 if args.quick else args.tokens
     rng = np.random.default_rng(0)
-    prompts = [[2] + rng.integers(3, 30000, n).tolist() for n in (40, 200)]
+    prompts = [[2] + rng.integers(3, 30000, n).tolist() for n in (200, 40)][: args.prompts]
     results, peers = [], {}
     load_before = os.getloadavg()[0]
     for shape in shapes:
