@@ -200,14 +200,22 @@ class DrafterConfig:
         return d
 
 
+UNIFIED_DEFAULTS = {"sliding_window": 1024, "max_position_embeddings": 262_144}
+
+
 def text_config_of(raw: dict) -> dict:
-    """The text-stack part of a target config: the wrapper (`gemma4`, `gemma4_unified`) keeps it in text_config."""
+    """The text-stack part of a target config: the wrappers (`gemma4`, `gemma4_unified`) keep it in text_config.
+    The 12B unified stack (`gemma4_unified_text`) is the Gemma 4 text stack without PLE or MoE (its decoder layer
+    has neither) and with its own defaults."""
     mt = raw.get("model_type")
+    text = raw
     if mt in ("gemma4", "gemma4_unified"):
         if "text_config" not in raw:
             raise ConfigError(f"{mt} config has no text_config")
-        return raw["text_config"]
-    return raw
+        text = raw["text_config"]
+    if mt in ("gemma4_unified", "gemma4_unified_text") or text.get("model_type") == "gemma4_unified_text":
+        text = {**UNIFIED_DEFAULTS, **text, "hidden_size_per_layer_input": 0, "enable_moe_block": False}
+    return text
 
 
 def model_kind(raw: dict) -> str:

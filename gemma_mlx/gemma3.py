@@ -24,7 +24,7 @@ import numpy as np
 
 from .cache import TargetCache, attention_mask
 from .config import FULL, SLIDING, ConfigError
-from .target import MLP
+from .target import MLP, CausalLM
 
 TARGET_TYPES = ("gemma3_text", "gemma3")
 DROPPED_PREFIXES = ("vision_tower.", "multi_modal_projector.")
@@ -282,7 +282,7 @@ class Gemma3TextModel(nn.Module):
         return attention_mask(start, T, cache.producer(layer_type).positions(after), window)
 
 
-class Gemma3Target(nn.Module):
+class Gemma3Target(CausalLM):
     """`(logits, final-norm hidden) = target(tokens, cache)`, as target.Target."""
 
     def __init__(self, cfg: Gemma3Config):
@@ -291,28 +291,6 @@ class Gemma3Target(nn.Module):
         self.model = Gemma3TextModel(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-
-    def __call__(self, tokens: mx.array, cache: TargetCache, last_only: bool = False):
-        hidden = self.model(tokens, cache)
-        if last_only:
-            hidden = hidden[:, -1:]
-        return self.logits(hidden), hidden
-
-    def logits(self, hidden: mx.array) -> mx.array:
-        out = self.model.embed_tokens.as_linear(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
-        cap = self.config.final_logit_softcapping
-        return out if cap is None else mx.tanh(out / cap) * cap
-
-    def make_cache(self, batch: int = 1, chunk: int = 256) -> TargetCache:
-        return TargetCache(self.config, batch, chunk)
-
-    def prefill(self, tokens: mx.array, cache: TargetCache):
-        """Run a prompt through in chunks of at most `cache.chunk` tokens; returns the last position's
-        (logits, hidden)."""
-        for s in range(0, tokens.shape[1], cache.chunk):
-            logits, hidden = self(tokens[:, s : s + cache.chunk], cache, last_only=True)
-            mx.eval(logits, hidden, cache.state())
-        return logits, hidden
 
     def sanitize(self, weights: dict) -> dict:
         """Accept the HF layouts too (see `hf_key`)."""

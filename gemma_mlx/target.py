@@ -184,15 +184,10 @@ class Gemma4TextModel(nn.Module):
         return attention_mask(start, T, c.positions(after), window)
 
 
-class Target(nn.Module):
-    """The model the user talks to: `(logits, final-norm hidden) = target(tokens, cache)`."""
-
-    def __init__(self, cfg: TextConfig):
-        super().__init__()
-        self.config = cfg
-        self.model = Gemma4TextModel(cfg)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+class CausalLM(nn.Module):
+    """What the engine needs from a target family (Gemma 4 here, Gemma 3 in gemma3.py): `(logits, final-norm
+    hidden) = target(tokens, cache)`, its cache and chunked prefill. Subclasses set `config`, `model` (with
+    `embed_tokens` and `embed`) and `lm_head` when the head is untied."""
 
     def __call__(self, tokens: mx.array, cache: TargetCache, last_only: bool = False):
         hidden = self.model(tokens, cache)
@@ -215,6 +210,17 @@ class Target(nn.Module):
             logits, hidden = self(tokens[:, s : s + cache.chunk], cache, last_only=True)
             mx.eval(logits, hidden, cache.state())
         return logits, hidden
+
+
+class Target(CausalLM):
+    """The Gemma 4 text target."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Gemma4TextModel(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def sanitize(self, weights: dict) -> dict:
         """Accept mlx-lm's `gemma4` wrapper layout too (an mlx-community checkpoint: `language_model.model.*`)."""

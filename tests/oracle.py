@@ -91,6 +91,8 @@ VARIANTS = {  # name -> Gemma4TextConfig kwargs over BASE
 # text stack is plain + PLE 8 + kv sharing 2 + double-wide, with 1-layer vision and audio towers).
 EXTRA = {
     "moe8": dict(enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=32),
+    # the 12B unified text stack (Gemma4UnifiedForCausalLM: no PLE, no MoE), with kv sharing and double-wide MLPs
+    "unified": dict(num_kv_shared_layers=2, use_double_wide_mlp=True),
     "mm": dict(hidden_size_per_layer_input=8, num_kv_shared_layers=2, use_double_wide_mlp=True),
 }
 TARGETS = (*VARIANTS, *EXTRA)
@@ -171,6 +173,11 @@ def build_target(name: str, out_dir) -> Path:
     torch.manual_seed(seed)
     if base == "mm":
         model = Gemma4ForConditionalGeneration(_mm_config(text)).eval()
+    elif base == "unified":
+        from transformers.models.gemma4_unified import Gemma4UnifiedForCausalLM, Gemma4UnifiedTextConfig
+
+        text = {k: v for k, v in text.items() if k not in ("hidden_size_per_layer_input", "vocab_size_per_layer_input")}
+        model = Gemma4UnifiedForCausalLM(Gemma4UnifiedTextConfig(**text)).eval()
     else:
         model = Gemma4ForCausalLM(Gemma4TextConfig(**text)).eval()
     perturb(model, seed)
@@ -305,8 +312,10 @@ def load_model(path):
     key = _key(path)
     if key not in _MODELS:
         cfg = json.loads((Path(path) / "config.json").read_text())
-        cls = {"gemma4": Gemma4ForConditionalGeneration, "gemma4_assistant": Gemma4AssistantForCausalLM}.get(
-            cfg["model_type"], Gemma4ForCausalLM)
+        from transformers.models.gemma4_unified import Gemma4UnifiedForCausalLM
+
+        cls = {"gemma4": Gemma4ForConditionalGeneration, "gemma4_assistant": Gemma4AssistantForCausalLM,
+               "gemma4_unified_text": Gemma4UnifiedForCausalLM}.get(cfg["model_type"], Gemma4ForCausalLM)
         model = cls.from_pretrained(str(key[0]), dtype=torch.float32, attn_implementation="eager").eval()
         if cls is Gemma4AssistantForCausalLM and model.generation_config.num_assistant_tokens is None:
             model.generation_config.num_assistant_tokens = 4
