@@ -10,6 +10,7 @@ Beyond OpenAI's fields, responses carry `mtp`: mean tokens per round, acceptance
 from __future__ import annotations
 
 import asyncio
+import atexit
 import itertools
 import json
 import queue
@@ -72,14 +73,23 @@ class Scheduler:
         self.batches: dict[tuple, tuple[BatchDecoder, list[Job]]] = {}
         self.wake = threading.Event()
         self.ids = itertools.count()
-        threading.Thread(target=self._run, daemon=True, name="gemma-mlx-rounds").start()
+        self.closed = False
+        self.thread = threading.Thread(target=self._run, daemon=True, name="gemma-mlx-rounds")
+        self.thread.start()
+        atexit.register(self.close)
+
+    def close(self):
+        """Stop the worker between rounds. MLX aborts the process if a thread is still inside it at exit."""
+        self.closed = True
+        self.wake.set()
+        self.thread.join(timeout=60)
 
     def submit(self, job: Job):
         self.waiting.put(job)
         self.wake.set()
 
     def _run(self):
-        while True:
+        while not self.closed:
             try:
                 self._admit()
                 active = [(d, jobs) for d, jobs in self.batches.values() if d.rows]

@@ -49,8 +49,8 @@ def serve_then_run_the_readme_client(engine, model_id, host, port, max_batch, dr
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         free = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(build_app(engine, model_id, max_batch, draft_tokens), host=host, port=free,
-                                           log_level="warning"))
+    app = build_app(engine, model_id, max_batch, draft_tokens)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=free, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -63,6 +63,7 @@ def serve_then_run_the_readme_client(engine, model_id, host, port, max_batch, dr
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+        app.state.scheduler.close()
 
 
 def test_readme_python_example_runs(mlx_dir, tmp_path, monkeypatch):

@@ -37,6 +37,7 @@ def server(mlx_dir):
     yield dict(url=f"http://127.0.0.1:{port}", app=app, solo=solo)
     srv.should_exit = True
     thread.join(timeout=10)
+    app.state.scheduler.close()
 
 
 def client(server):
