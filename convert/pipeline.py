@@ -1,5 +1,6 @@
-"""convert(src, out): read config → resolve it → check every tensor's name and shape → stream tensors (rename,
-split, cast, quantize) into shards in a temp dir → write config + tokenizer → rename. Spec §1.2, §1.5, §2.2, §6."""
+"""convert(src, out): read the config → resolve it → check every tensor's name and shape against the layout the
+config implies → stream the tensors (rename, split, cast, quantize) into shards in a temp dir → write the config and
+tokenizer files → rename the temp dir to `out`. Spec §1.2, §1.5, §2.2, §6."""
 
 from __future__ import annotations
 
@@ -9,60 +10,43 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from gemma_mlx.config import ConfigError, DrafterConfig, TextConfig, model_kind, text_config_of
-
+from ..config import ConfigError, DrafterConfig, TextConfig, model_kind, text_config_of
 from . import quantize as q
-from .safetensors_io import SafetensorsError, file_format, open_checkpoint
-from .source import SourceError, resolve_source
-from .weights import (drafter_model, expected_params, map_drafter_key, map_target_key, split_tensor,
-                      target_model)
-from .writer import atomic_dir, ShardWriter
+from . import weights as w
+from .safetensors_io import SafetensorsError, open_checkpoint, tensors
+from .source import SIDE_FILES, SourceError, is_mlx_checkpoint, read_config, resolve_source
+from .writer import ShardWriter, atomic_dir
 
 DTYPES = {"bf16": mx.bfloat16, "fp16": mx.float16, "fp32": mx.float32}
-SIDE_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-              "chat_template.jinja", "chat_template.json", "generation_config.json")
+GEMMA3_TYPES = ("gemma3", "gemma3_text")
 
 
 class ConvertError(ValueError):
-    """A conversion that cannot be done; the message is one line for the user and nothing was written."""
-
-
-def is_mlx_checkpoint(path) -> bool:
-    """True for dirs written by MLX (ours, mlx-lm's, mlx-community's): their safetensors say format "mlx"."""
-    try:
-        return file_format(Path(path)) == "mlx"
-    except SafetensorsError:
-        return False
-
-
-def read_config(path: Path) -> dict:
-    f = path / "config.json"
-    try:
-        raw = json.loads(f.read_text())
-    except FileNotFoundError:
-        raise ConvertError(f"{path}: no config.json") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConvertError(f"{f}: unreadable ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise ConvertError(f"{f}: not a JSON object")
-    return raw
+    """A conversion that cannot be done; the message is one line for the user, and nothing was written."""
 
 
 def convert(src, out, dtype: str = "bf16", quantize: int | None = None, group_size: int = 64, force: bool = False,
             progress: bool = True) -> Path:
-    """Convert a Hugging Face Gemma 4 target or assistant (local dir or hub id), or a Gemma 3 GGUF file, into an
-    MLX dir at `out`."""
+    """Convert a Hugging Face Gemma 4 target or assistant (local dir or hub id), or a Gemma 3 GGUF file, into an MLX
+    dir at `out` (bf16/fp16/fp32 floats, optionally 4/8-bit affine quantized with group size 32/64/128); an MLX
+    checkpoint only when re-quantizing it. Returns `out`."""
     from .gguf import GGUFError, convert_gguf
 
     try:
         if str(src).endswith(".gguf"):
             return convert_gguf(src, out, dtype, quantize, group_size, force, progress)
-        return _convert(str(src), Path(out), dtype, quantize, group_size, force, progress)
-    except (ConfigError, SafetensorsError, SourceError, q.QuantizeError, GGUFError) as e:
-        raise ConvertError(str(e)) from None
+        return _convert(str(src), Path(out).expanduser(), dtype, quantize, group_size, force, progress)
+    except (ConfigError, SafetensorsError, SourceError, q.QuantizeError, w.WeightsError, GGUFError) as e:
+        raise ConvertError(_one_line(str(e))) from None
+    except OSError as e:  # disk full, permissions, a file vanishing mid-read: the temp dir is already gone
+        raise ConvertError(_one_line(f"conversion failed: {e}")) from None
 
 
-def _convert(src, out, dtype, bits, group_size, force, progress) -> Path:
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+def _convert(src: str, out: Path, dtype: str, bits: int | None, group_size: int, force: bool, progress: bool):
     if dtype not in DTYPES:
         raise ConvertError(f"--dtype {dtype} is not supported (use bf16, fp16 or fp32)")
     q.check_request(bits, group_size)
@@ -70,91 +54,63 @@ def _convert(src, out, dtype, bits, group_size, force, progress) -> Path:
         raise ConvertError(f"{out} already exists (use --force to replace it)")
     path = resolve_source(src, progress)
     raw = read_config(path)
-    kind = model_kind(raw)
-    if str(raw.get("model_type", "")).startswith("gemma4_unified"):
-        raise ConvertError(f"{raw['model_type']}: not supported (see README, 'Not supported')")
-    if is_mlx_checkpoint(path):
-        raise ConvertError(f"{src} is already an MLX checkpoint: load it as is (gemma_mlx.load / gemma-mlx chat)")
+    mlx = is_mlx_checkpoint(path)
+    if mlx and not bits:
+        raise ConvertError(f"{src} is already an MLX checkpoint: load it as is, or re-quantize it (--quantize 4|8)")
+
+    model_type, kind = raw.get("model_type"), model_kind(raw)
+    hf_quant = raw.get("quantization_config") or (raw.get("text_config") or {}).get("quantization_config")
+    if not mlx and hf_quant:
+        method = hf_quant.get("quant_method", "unknown method") if isinstance(hf_quant, dict) else hf_quant
+        raise ConvertError(f"{src} is a pre-quantized Hugging Face checkpoint ({method}): convert the unquantized "
+                           "release (and pass --quantize to quantize it here)")
+    if model_type in GEMMA3_TYPES:
+        raise ConvertError(f"model_type {model_type}: Gemma 3 converts from a GGUF file only (pass the .gguf path)")
     if kind == "target":
         cfg = TextConfig.from_dict(text_config_of(raw))
-        model, map_key = target_model(cfg), lambda k: map_target_key(k, cfg)
+        layout, what = w.target_layout(cfg), "target config"
+        wrapper = model_type in ("gemma4", "gemma4_unified")  # multimodal wrappers: text under model.language_model.
+        names_of = lambda k: w.target_names(k, cfg, wrapper=wrapper, mlx=mlx)  # noqa: E731
         cfg_out = cfg.to_dict()
         cfg_out["eos_token_id"] = _eos_ids(path, raw, cfg)
     else:
+        if raw.get("tie_word_embeddings", True) is False:
+            raise ConvertError(f"{model_type} with an untied LM head (tie_word_embeddings=false) is not supported")
         cfg = DrafterConfig.from_dict(raw)
-        model, map_key = drafter_model(cfg), lambda k: map_drafter_key(k, cfg)
+        layout, what = w.drafter_layout(cfg), "assistant config"
+        names_of = w.drafter_names
         cfg_out = cfg.to_dict()
-    expected = expected_params(model)
-    sources = open_checkpoint(path)
-    plan = _plan(sources, map_key, expected)
-    quantizable = q.quantizable_modules(model) if bits else set()
+
+    source = tensors(open_checkpoint(path))
+    if mlx:
+        source = q.unpack(source, raw.get("quantization") or raw.get("quantization_config"))
+    plan = w.plan(source, names_of, layout, what)  # every name and shape checked before a byte is written
+    quantizer = q.Quantizer(bits, group_size, layout.quantizable)
     with atomic_dir(out, force) as tmp:
         writer = ShardWriter(tmp)
-        overrides = {}
-        for src_key, names in _progress(plan, progress, f"converting {path.name}"):
-            value = sources[src_key].get(src_key)
-            for name, tensor in split_tensor(src_key, value, names):
-                for k, v in _convert_tensor(name, tensor, DTYPES[dtype], bits, group_size, quantizable,
-                                            overrides).items():
+        for tensor, names in _progress(plan, progress, f"converting {path.name}"):
+            for name, value in w.split(names, tensor.read()):
+                for k, v in quantizer(name, _cast(name, value, DTYPES[dtype])).items():
                     writer.add(k, v)
-            del value
         writer.close()
-        if bits:
-            cfg_out["quantization"] = cfg_out["quantization_config"] = q.record(bits, group_size, overrides)
-        (tmp / "config.json").write_text(json.dumps(cfg_out, indent=2))
+        if rec := quantizer.record():
+            cfg_out["quantization"] = cfg_out["quantization_config"] = rec
         for name in SIDE_FILES:
-            if (path / name).exists():
-                shutil.copy(path / name, tmp / name)
+            if (path / name).is_file():
+                shutil.copyfile(path / name, tmp / name)
+        (tmp / "config.json").write_text(json.dumps(cfg_out, indent=2) + "\n")  # last: the dir is complete
     return out
 
 
-def _plan(sources: dict, map_key, expected: dict) -> list[tuple[str, list[str]]]:
-    """Every source tensor with the names it becomes; fails on a missing, unexpected or wrong-shape tensor before
-    a byte is written."""
-    plan, seen = [], set()
-    for key in sorted(sources):
-        names = map_key(key)
-        if names is None:
-            continue
-        shape = sources[key].shape(key)
-        if len(names) == 2:  # fused gate_up: [E, 2I, H] -> two [E, I, H]
-            shape = shape[:-2] + (shape[-2] // 2, shape[-1])
-        for name in names:
-            if name not in expected:
-                raise ConvertError(f"unexpected weight {key} (not part of this {_what(expected)} config)")
-            if tuple(shape) != expected[name]:
-                raise ConvertError(f"weight {key} has shape {list(sources[key].shape(key))}, the config implies "
-                                   f"{list(expected[name])}")
-            seen.add(name)
-        plan.append((key, names))
-    missing = sorted(set(expected) - seen)
-    if missing:
-        raise ConvertError(f"missing weight {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    return plan
-
-
-def _what(expected: dict) -> str:
-    return "assistant" if "pre_projection.weight" in expected else "target"
-
-
-def _convert_tensor(name, value, dtype, bits, group_size, quantizable, overrides) -> dict:
+def _cast(name: str, value: mx.array, dtype) -> mx.array:
+    """Floats to the requested dtype; `token_ordering` (an index table) to int32; other integers as they are."""
     if name.endswith("token_ordering"):
-        return {name: value.astype(mx.int32)}  # an index table: integer, never quantized
-    if mx.issubdtype(value.dtype, mx.floating):
-        value = value.astype(dtype)
-    module = name.removesuffix(".weight")
-    if bits and name.endswith(".weight") and module in quantizable:
-        chosen = q.plan(module, value.shape, bits, group_size)
-        if chosen is None:
-            overrides[module] = False
-            return {name: value}
-        if chosen != (bits, group_size):
-            overrides[module] = {"group_size": chosen[1], "bits": chosen[0]}
-        return q.quantize(module, value, *chosen)
-    return {name: value}
+        return value.astype(mx.int32)
+    return value.astype(dtype) if mx.issubdtype(value.dtype, mx.floating) else value
 
 
 def _eos_ids(path: Path, raw: dict, cfg: TextConfig) -> list[int]:
+    """Every end id: the config's and generation_config.json's (Gemma 4 has several)."""
     ids = list(cfg.eos_token_id or [])
     gen = path / "generation_config.json"
     if gen.exists():
@@ -167,9 +123,10 @@ def _progress(items, enabled: bool, label: str):
     if not enabled:
         yield from items
         return
+    from rich.console import Console
     from rich.progress import Progress
 
-    with Progress(transient=True) as bar:
+    with Progress(console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(label, total=len(items))
         for item in items:
             yield item

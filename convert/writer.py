@@ -1,5 +1,5 @@
-"""Writing a converted checkpoint: shards of at most 5 GB with an index, into a temp dir renamed at the end, so an
-interrupted or failed conversion never leaves a dir that looks complete."""
+"""Writing a converted checkpoint: shards of at most 5 GB with an index, into a hidden temp dir next to the output
+that is renamed at the end, so a failed, interrupted or killed conversion never leaves a dir that looks complete."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ from pathlib import Path
 import mlx.core as mx
 
 MAX_SHARD_BYTES = 5 * 1024**3
+INDEX = "model.safetensors.index.json"
 
 
 class ShardWriter:
-    """Collects tensors and writes a shard each time the next tensor would push it past the limit."""
+    """Holds converted tensors until the next one would push the shard past the limit, then writes the shard: at
+    most one output shard is in memory."""
 
     def __init__(self, out: Path, max_bytes: int | None = None):
         self.out, self.max_bytes = Path(out), max_bytes or MAX_SHARD_BYTES
@@ -26,7 +28,7 @@ class ShardWriter:
         self.total_bytes = 0
 
     def add(self, name: str, value: mx.array):
-        mx.eval(value)
+        mx.eval(value)  # materialize now, so the source tensor it came from can be freed
         if self.pending and self.pending_bytes + value.nbytes > self.max_bytes:
             self.flush()
         self.pending[name] = value
@@ -40,9 +42,10 @@ class ShardWriter:
         mx.save_safetensors(str(self.out / f"shard-{len(self.shards):05d}.safetensors"), self.pending,
                             metadata={"format": "mlx"})
         self.pending, self.pending_bytes = {}, 0
+        mx.clear_cache()  # hand the shard's buffers back instead of keeping them in MLX's cache
 
     def close(self):
-        """Name the shards model-0000i-of-0000n.safetensors and write the index."""
+        """Name the shards model-0000i-of-0000n.safetensors (model.safetensors when one) and write the index."""
         self.flush()
         n = len(self.shards)
         weight_map = {}
@@ -50,22 +53,26 @@ class ShardWriter:
             final = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
             os.replace(self.out / f"shard-{i:05d}.safetensors", self.out / final)
             weight_map.update({k: final for k in names})
-        index = {"metadata": {"total_size": self.total_bytes, "format": "mlx"}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        index = {"metadata": {"total_size": self.total_bytes, "format": "mlx"},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        (self.out / INDEX).write_text(json.dumps(index, indent=2))
 
 
 @contextlib.contextmanager
 def atomic_dir(out: Path, force: bool):
-    """Yield a temp dir next to `out`; on success it becomes `out` (replacing it only with force); on any failure
-    or interrupt it is removed."""
+    """Yield a temp dir `.NAME.tmp-*` next to `out` (same filesystem); on success it becomes `out` (an existing
+    `out` is replaced only with force: renamed aside, the new dir renamed in, the old one deleted); on any failure or
+    interrupt the temp dir is removed."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
-        if out.exists():
+        if os.path.lexists(out):
+            if not force:
+                raise FileExistsError(f"{out} already exists (use --force to replace it)")
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "x")
+            os.replace(out, old / out.name)
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
         else:

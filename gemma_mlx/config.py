@@ -172,7 +172,7 @@ class DrafterConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> "DrafterConfig":
-        tc = dict(raw.get("text_config") or {})
+        tc = text_config_of(dict(raw.get("text_config") or {}))  # a unified assistant gets the unified defaults
         n = tc.get("num_hidden_layers", TextConfig.num_hidden_layers)
         if not tc.get("num_kv_shared_layers"):
             tc["num_kv_shared_layers"] = n  # HF: every assistant layer is a consumer

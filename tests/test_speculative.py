@@ -15,7 +15,7 @@ from gemma_mlx.sampling import SamplingParams, processed_logits
 from gemma_mlx.speculative import DraftLength, Session, generate_tokens
 
 W = 8  # sliding window of the oracle models
-VARIANTS = ["plain", "nosoftcap", "kvshared", "ple", "moe", "keqv", "e2blike", "mm"]
+VARIANTS = ["plain", "nosoftcap", "kvshared", "ple", "moe", "keqv", "e2blike", "mm", "unified"]
 PROMPTS = {"short": [2, 17, 301, 44, 9], "long": [2] + list(np.random.default_rng(3).integers(3, 500, 19))}
 NEW = 3 * W + 2
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from oracle import hf_forward
 
-VARIANTS = ["plain", "nosoftcap", "kvshared", "ple", "moe", "keqv", "e2blike", "mm"]
+VARIANTS = ["plain", "nosoftcap", "kvshared", "ple", "moe", "keqv", "e2blike", "mm", "unified"]
 W = 8
 rng = np.random.default_rng(1)  # ids 500-506 are the multimodal placeholders of the "mm" oracle
 SHORT = [2] + rng.integers(3, 500, 4).tolist()  # < W
