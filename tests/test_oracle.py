@@ -24,7 +24,7 @@ def weights(path, suffix):
 def test_target_builds_and_forward_is_consistent(name, hf_dir):
     path = hf_dir(name)
     cfg = json.loads((path / "config.json").read_text())
-    assert cfg["model_type"] == ("gemma4" if name == "mm" else "gemma4_text")
+    assert cfg["model_type"] == {"mm": "gemma4", "unified": "gemma4_unified_text"}.get(name, "gemma4_text")
     assert json.loads((path / "generation_config.json").read_text())["eos_token_id"] == EOS_IDS
     t = text_config(name)
     logits, hidden = hf_forward(path, IDS)
