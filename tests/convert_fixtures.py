@@ -1,9 +1,8 @@
 """Tiny Hugging Face Gemma 4 checkpoints for the converter tests, built with transformers 5.23.0 at test time, and
-their reference logits. Self-contained (the converter's tests do not depend on the shared oracle module).
+their reference logits. 
 
-Importing this module works around transformers 5.23.0's `Gemma4TextConfig.kv_sharing_modes` (see
-/work/shared/design/gemma4-mtp-verify/hfpatch.py): it raises for an all-shared assistant, so
-`Gemma4AssistantForCausalLM` cannot be built, and marks no "store" layer for an unshared target.
+Importing this module applies the oracle's work-around for transformers 5.23.0's `kv_sharing_modes` (it raises for
+an all-shared assistant and marks no "store" layer for an unshared target).
 """
 
 from __future__ import annotations
@@ -26,30 +25,10 @@ from transformers import (
     Gemma4VisionConfig,
     GenerationConfig,
 )
-from transformers.models.gemma4 import configuration_gemma4 as _C
-from transformers.models.gemma4_unified import configuration_gemma4_unified as _U
 
-# --- transformers 5.23.0 work-around (hfpatch.py) ---------------------------------------------------------------
+from transformers.models.gemma4_unified import configuration_gemma4_unified as _U  # noqa: E402
 
-_orig_modes = _C.Gemma4TextConfig.kv_sharing_modes
-
-
-def _kv_sharing_modes(self):
-    n, shared = self.num_hidden_layers, self.num_kv_shared_layers or 0
-    if shared >= n:  # assistant: every layer reuses the target's K/V
-        return ["reuse"] * n
-    if shared == 0:  # unshared target: the last layer of each type stores its K/V
-        modes = [None] * n
-        for t in set(self.layer_types):
-            modes[n - 1 - self.layer_types[::-1].index(t)] = "store"
-        return modes
-    return _orig_modes.fget(self)
-
-
-if not getattr(_orig_modes.fget, "_patched", False):
-    _kv_sharing_modes._patched = True
-    _C.Gemma4TextConfig.kv_sharing_modes = property(_kv_sharing_modes)
-    _U.Gemma4UnifiedTextConfig.kv_sharing_modes = property(_kv_sharing_modes)  # same bug, same code
+import oracle  # noqa: F401,E402  (applies transformers 5.23.0's kv_sharing_modes patch, spec §5)
 
 # --- configs ----------------------------------------------------------------------------------------------------
 

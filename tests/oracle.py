@@ -66,6 +66,9 @@ def _patch_kv_sharing_modes():
 
     kv_sharing_modes._gemma_mlx_patched = True
     _C.Gemma4TextConfig.kv_sharing_modes = property(kv_sharing_modes)
+    from transformers.models.gemma4_unified import configuration_gemma4_unified as unified
+
+    unified.Gemma4UnifiedTextConfig.kv_sharing_modes = property(kv_sharing_modes)  # same bug, same code
 
 
 _patch_kv_sharing_modes()
