@@ -1,114 +1,168 @@
-"""Batch-mode bench: aggregate tokens/s of speculative vs plain batched decoding at B = 1, 2, 4, 8 (dense and MoE
-targets, drafter of controlled acceptance α = 0.7), and the MoE verify-cost ratio t(B×(K+1) tokens) / t(B tokens)
-with and without the expert-union path. CPU figures (fp32); ratios from one run, medians of repeats, every
-speculative row asserted identical to its plain row.
+"""Batch-mode bench: aggregate tokens/s of speculative vs plain batched decoding at B = 1, 2, 4, 8 for a dense and an
+MoE target, with a drafter of controlled acceptance α = 0.7 (bench/controlled.py), and the MoE verify-cost ratio
+t(B×(K+1) tokens) / t(B tokens) with and without the expert-union path (gemma_mlx/moe.py).
 
-    python -m bench.batch [--out bench/results]
+Random-weight targets at scaled-down shapes (hidden 1024, 8 layers; the MoE one 32 experts, top 4), fp32. Absolute
+numbers are CPU figures; ratios come from one run (plain and speculative alternate, medians of the repeats), and
+every speculative row is asserted identical to its plain row. Writes batch.json and batch.md to --out.
+
+    python -m bench.batch [--tokens 32] [--repeats 3] [--out bench/results]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import gemma_mlx  # noqa: F401
+import gemma_mlx  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import numpy as np
 
+from gemma_mlx import _blas
 from gemma_mlx.batch import BatchDecoder
 from gemma_mlx.cache import TargetCache
+from gemma_mlx.config import DrafterConfig, TextConfig
+from gemma_mlx.drafter import Drafter
 from gemma_mlx.speculative import DraftLength
+from gemma_mlx.target import Target
 
 from .controlled import ControlledDrafter
-from .run import build
+
+S, F = "sliding_attention", "full_attention"
+COMMON = dict(vocab_size=32768, hidden_size=1024, num_hidden_layers=8, layer_types=[S, S, S, F] * 2,
+              num_attention_heads=8, num_key_value_heads=4, head_dim=128, global_head_dim=256, sliding_window=128,
+              final_logit_softcapping=30.0, hidden_size_per_layer_input=0)
+TARGETS = {
+    "dense": dict(intermediate_size=4096),
+    "moe": dict(intermediate_size=1024, enable_moe_block=True, num_experts=32, top_k_experts=4,
+                moe_intermediate_size=512),
+}
+ALPHA, VERIFY_K = 0.7, 3
 
 
-def run(target, drafter, prompts, n_new, k, references=None, alpha=0.7, seed=0):
+def build(name: str, seed: int = 0):
+    """A random-weight target and a drafter for it (4 layers, d = 256: the real computation, random weights)."""
+    mx.random.seed(seed)
+    cfg = TextConfig.from_dict({**COMMON, **TARGETS[name]})
+    text = dict(vocab_size=cfg.vocab_size, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+                global_head_dim=cfg.global_head_dim, layer_types=[S, S, S, F], sliding_window=cfg.sliding_window)
+    target = Target(cfg)
+    drafter = Drafter(DrafterConfig.from_dict(dict(text_config=text, backbone_hidden_size=cfg.hidden_size)))
+    mx.eval(target.parameters(), drafter.parameters())
+    return target, drafter.bind(target)
+
+
+def decode(target, drafter, prompts, n_new, references=None, seed=0):
+    """Decode all prompts as one batch: (tokens per row, aggregate decode tokens/s, rows). drafter None = plain."""
     decoder = BatchDecoder(target, None, draft=DraftLength(fixed=0))
-    if k:
-        decoder.drafter = ControlledDrafter(drafter, lambda: [references[r.id] for r in decoder.rows], alpha, seed)
-        decoder.draft = DraftLength() if k == "auto" else DraftLength(fixed=k)
+    if drafter is not None:
+        decoder.drafter = ControlledDrafter(drafter, lambda: [references[r.id] for r in decoder.rows], ALPHA, seed)
+        decoder.draft = DraftLength()
     rows = [decoder.add(p, n_new) for p in prompts]
     t0 = time.perf_counter()
     while decoder.rows:
         decoder.step()
     seconds = time.perf_counter() - t0
-    return [r.tokens for r in rows], sum(len(r.tokens) - 1 for r in rows) / seconds, rows
+    return [r.tokens for r in rows], sum(len(r.tokens) - 1 for r in rows) / seconds, rows  # first token: prefill
 
 
-def verify_cost(target, batch, k, union, reps=5):
-    """Median seconds of one target forward over B×(K+1) tokens at a 64-token context."""
+def set_union(target, on: bool):
     for layer in target.model.layers:
         if layer.enable_moe:
-            layer.experts.union = union
-    cache = TargetCache(target.config, batch=batch, chunk=16)
-    target(mx.array(np.random.default_rng(0).integers(3, 30000, (batch, 16))), cache)
-    for _ in range(3):
-        target(mx.array(np.random.default_rng(1).integers(3, 30000, (batch, 16))), cache)
-    times = []
-    for _ in range(reps):
-        tokens = mx.array(np.random.default_rng(2).integers(3, 30000, (batch, k + 1)))
-        t0 = time.perf_counter()
-        mx.eval(target(tokens, cache))
-        times.append(time.perf_counter() - t0)
-        cache.rollback(k + 1)
-    for layer in target.model.layers:
-        if layer.enable_moe:
-            layer.experts.union = True
-    return statistics.median(times)
+            layer.experts.union = on
+
+
+def verify_costs(target, batch: int, k: int, reps: int):
+    """Median seconds of one target forward over B tokens and over B×(K+1) tokens (a 64-token context), for the
+    expert-union path and mlx-lm's per-pair path; the four are measured interleaved."""
+    rng = np.random.default_rng(batch)
+    cache = TargetCache(target.config, batch=batch, chunk=64)
+    mx.eval(target(mx.array(rng.integers(3, 30000, (batch, 64))), cache))
+    times = {(union, t): [] for union in (True, False) for t in (1, k + 1)}
+    for rep in range(reps + 1):
+        for (union, t), seen in times.items():
+            set_union(target, union)
+            tokens = mx.array(rng.integers(3, 30000, (batch, t)))
+            t0 = time.perf_counter()
+            mx.eval(target(tokens, cache))
+            if rep:  # the first pass warms up
+                seen.append(time.perf_counter() - t0)
+            cache.rollback(t)
+    set_union(target, True)
+    med = {key: statistics.median(v) for key, v in times.items()}
+    return {("union" if union else "per_pair"): dict(t_b=med[union, 1], t_verify=med[union, k + 1],
+                                                   ratio=med[union, k + 1] / med[union, 1]) for union in (True, False)}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--tokens", type=int, default=32, help="new tokens per row")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 2, 4, 8])
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args(argv)
+    started = time.perf_counter()
     rng = np.random.default_rng(0)
-    report = {}
-    lines = ["| target | B | plain tok/s | MTP tok/s | speedup | tokens/round |", "|---|---|---|---|---|---|"]
-    for shape in ("31b-like", "26b-a4b-like"):
-        target, drafter = build(shape)
-        report[shape] = {}
+    report = dict(machine=dict(platform=platform.platform(), cpus=os.cpu_count(), blas=_blas.status,
+                               load_average_at_start=os.getloadavg()),
+                  settings=dict(dtype="fp32", alpha=ALPHA, draft_tokens="auto", new_tokens=args.tokens,
+                                repeats=args.repeats, targets={k: {**COMMON, **v} for k, v in TARGETS.items()}),
+                  decode={}, moe_verify_cost={})
+    lines = ["| target | B | plain tok/s (CPU) | MTP tok/s (CPU) | speed-up | tokens/round | mean K |",
+             "|---|---|---|---|---|---|---|"]
+    print(lines[0] + "\n" + lines[1], flush=True)
+    for name in TARGETS:
+        target, drafter = build(name)
+        report["decode"][name] = {}
         for b in args.batches:
-            prompts = [[2] + rng.integers(3, 30000, int(rng.integers(20, 200))).tolist() for _ in range(b)]
-            plain_tps, spec_tps, tokens_per_round = [], [], []
+            prompts = [[2] + rng.integers(3, 30000, int(rng.integers(8, 48))).tolist() for _ in range(b)]
+            plain_tps, spec_tps, per_round, ks = [], [], [], []
             for rep in range(args.repeats):
-                out, tps, _ = run(target, None, prompts, args.tokens, 0)
+                out, tps, _ = decode(target, None, prompts, args.tokens)
                 plain_tps.append(tps)
                 refs = {i: p + o for i, (p, o) in enumerate(zip(prompts, out))}
-                spec, tps, rows = run(target, drafter, prompts, args.tokens, "auto", refs, seed=rep)
-                assert spec == out, f"{shape} B={b}: batched speculative rows differ from plain"
+                spec, tps, rows = decode(target, drafter, prompts, args.tokens, refs, seed=rep)
+                assert spec == out, f"{name} B={b}: batched speculative rows differ from plain"
                 spec_tps.append(tps)
-                tokens_per_round.append(np.mean([r.stats.mean_accepted_length for r in rows]))
+                per_round.append(np.mean([r.stats.mean_accepted_length for r in rows]))
+                ks.append(np.mean([k for r in rows for k in r.stats.k_history]))
             entry = dict(plain_tps=statistics.median(plain_tps), spec_tps=statistics.median(spec_tps),
-                         speedup=statistics.median(spec_tps) / statistics.median(plain_tps),
-                         tokens_per_round=float(np.mean(tokens_per_round)))
-            report[shape][b] = entry
-            lines.append(f"| {shape} | {b} | {entry['plain_tps']:.1f} | {entry['spec_tps']:.1f} | "
-                         f"{entry['speedup']:.2f}x | {entry['tokens_per_round']:.2f} |")
+                         speedup=statistics.median(s / p for s, p in zip(spec_tps, plain_tps)),
+                         tokens_per_round=float(np.mean(per_round)), mean_k=float(np.mean(ks)),
+                         plain_tps_runs=plain_tps, spec_tps_runs=spec_tps)
+            report["decode"][name][b] = entry
+            lines.append(f"| {name} | {b} | {entry['plain_tps']:.1f} | {entry['spec_tps']:.1f} | "
+                         f"{entry['speedup']:.2f}x | {entry['tokens_per_round']:.2f} | {entry['mean_k']:.1f} |")
             print(lines[-1], flush=True)
-        if shape == "26b-a4b-like":
-            costs = {}
-            for b in args.batches:
-                base = verify_cost(target, b, 0, True)
-                costs[b] = dict(union=verify_cost(target, b, 4, True) / base,
-                                per_pair=verify_cost(target, b, 4, False) / base)
-            report["moe_verify_cost_ratio_K4"] = costs
-    ratio = "\n".join(f"- B={b}: t(B×5)/t(B) = {c['union']:.2f} with the expert union, {c['per_pair']:.2f} without"
-                      for b, c in report["moe_verify_cost_ratio_K4"].items())
-    text = ("Batch mode, CPU figures (fp32, 2 cores), α = 0.7, K auto, medians of "
-            f"{args.repeats} repeats, every row asserted identical to plain:\n\n" + "\n".join(lines) +
-            "\n\nMoE verify cost (26b-a4b-like, K = 4):\n" + ratio + "\n")
+        if target.config.enable_moe_block:
+            report["moe_verify_cost"] = {b: verify_costs(target, b, VERIFY_K, max(args.repeats, 5))
+                                         for b in args.batches}
+        del target, drafter
+    cost_lines = [f"| B | t(B) union | t(B×{VERIFY_K + 1}) union | ratio union | t(B) per-pair | "
+                  f"t(B×{VERIFY_K + 1}) per-pair | ratio per-pair |", "|---|---|---|---|---|---|---|"]
+    for b, c in report["moe_verify_cost"].items():
+        u, p = c["union"], c["per_pair"]
+        cost_lines.append(f"| {b} | {u['t_b'] * 1e3:.0f} ms | {u['t_verify'] * 1e3:.0f} ms | {u['ratio']:.2f} | "
+                          f"{p['t_b'] * 1e3:.0f} ms | {p['t_verify'] * 1e3:.0f} ms | {p['ratio']:.2f} |")
+    report["seconds"] = time.perf_counter() - started
+    report["machine"]["load_average_at_end"] = os.getloadavg()  # other processes skew CPU figures: look here
+    text = (f"Batch mode: CPU figures ({platform.machine()}, {os.cpu_count()} cores, fp32, {_blas.status}); "
+            f"α = {ALPHA}, K auto, {args.tokens} new tokens per row, medians of {args.repeats} alternating repeats, "
+            "every speculative row asserted identical to plain.\n\n" + "\n".join(lines) +
+            f"\n\nMoE verify cost, one target forward at K = {VERIFY_K} (medians, interleaved):\n\n" +
+            "\n".join(cost_lines) + "\n")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "batch.json").write_text(json.dumps(report, indent=1))
     (args.out / "batch.md").write_text(text)
-    print(text)
+    print("\n" + text)
+    print(f"({report['seconds']:.0f} s)")
     return 0
 
 

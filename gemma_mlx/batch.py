@@ -1,11 +1,20 @@
 """Batch mode: speculative rounds for several sequences at once, with ragged acceptance.
 
-Every row has its own length, so its own RoPE offsets, masks and rollback (cache.py keeps lengths per row), and a
-round is the same `Round` as batch 1: one drafter pass per draft step for all rows, one target forward over
-B×(K+1) tokens, per-row acceptance. Rows join between rounds (prefilled alone, then merged into the batch cache)
-and leave when they finish (EOS, stop string, max_tokens), which is what a server needs. K is shared by the batch
-and chosen by the same rule as batch 1 on the batch's measured round times (more rows make verification relatively
-cheaper, and with MoE targets the expert union grows slower than the tokens).
+Every row has its own length, so its own RoPE offsets, masks and rollback (cache.py keeps lengths per row, and masks
+come from each row's slot -> position map, so padding and rejected slots are never attended), and a round is the
+same `Round` as batch 1: one drafter pass per draft step for all rows, one target forward over B×(K+1) tokens,
+per-row acceptance and rollback. Rows join between rounds (prefilled alone in a batch-1 cache, then merged into the
+batch cache) and leave when they finish (EOS, stop string, max_tokens), which is what a server needs:
+
+    decoder = BatchDecoder(target, drafter, eos_ids=..., tokenizer=...)
+    row = decoder.add(prompt_ids, max_tokens=64, stops=["###"])   # any time between rounds
+    while decoder.rows:
+        for done in decoder.step():                              # one round; the rows that finished
+            print(decoder.text(done), done.finish_reason)
+
+K is shared by the batch and chosen by `DraftLength` from the rows' own acceptance and the round times measured at
+this batch size (more rows make verification relatively dearer; with MoE targets the expert union grows slower
+than the tokens, moe.py).
 """
 
 from __future__ import annotations
@@ -26,6 +35,9 @@ from .target import Target
 
 @dataclass
 class Row:
+    """One sequence of the batch: its emitted tokens (EOS included), stats, and why it finished (None while it
+    runs; "stop", "length" or "cancelled")."""
+
     id: int
     prompt: list
     max_tokens: int
@@ -43,10 +55,13 @@ class BatchDecoder:
                  seed: int | None = None):
         self.target, self.drafter, self.params, self.eos_ids = target, drafter, params, frozenset(eos_ids)
         self.draft = draft or DraftLength(fixed=0 if drafter is None else None)
+        if drafter is None and (self.draft.fixed or 0) > 0:
+            raise ValueError("draft tokens requested but no drafter is loaded")
         self.tokenizer, self.chunk = tokenizer, chunk
         self.cache = TargetCache(target.config, batch=0, chunk=chunk)
-        self.rows: list[Row] = []
-        self.x = self.g = None
+        self.rows: list[Row] = []  # the rows in the batch, in cache-row order
+        self.finished: list[Row] = []  # rows finished since the last step (a row can finish at its first token)
+        self.x = self.g = None  # per row: last emitted token [B, 1], target hidden before it [B, 1, H]
         self.key = mx.random.key(seed if seed is not None else int(time.time_ns() % 2**31))
         self.ids = itertools.count()
 
@@ -58,6 +73,8 @@ class BatchDecoder:
         """Prefill a new row alone and merge it into the batch (between rounds)."""
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        if not prompt:
+            raise ValueError("empty prompt")
         row = Row(next(self.ids), [int(t) for t in prompt], max_tokens, tuple(s for s in stops if s))
         row.stats.prompt_tokens = row.stats.prefill_tokens = len(row.prompt)
         t0 = time.perf_counter()
@@ -66,35 +83,47 @@ class BatchDecoder:
         _, first = verify_choices(logits, mx.zeros((1, 0), mx.int32), self.params, self._next_key())
         first = first.astype(mx.int32)
         row.stats.prefill_seconds = time.perf_counter() - t0
-        if not self._emit(row, [int(first.item())]):
-            self.cache.extend_rows(cache)
-            self.x = first if self.x is None else mx.concatenate([self.x, first])
-            self.g = hidden if self.g is None else mx.concatenate([self.g, hidden])
-            self.rows.append(row)
+        if self._emit(row, [int(first.item())]):
+            self.finished.append(row)
+            return row
+        self.cache.extend_rows(cache)
+        self.x = first if self.x is None else mx.concatenate([self.x, first])
+        self.g = hidden if self.g is None else mx.concatenate([self.g, hidden])
+        self.rows.append(row)
         return row
 
     def step(self) -> list[Row]:
-        """One round for every row; returns the rows that finished in it (they have left the batch)."""
-        if not self.rows:
-            return []
-        room = max(r.max_tokens - len(r.tokens) for r in self.rows)
-        k = 0 if self.drafter is None else min(self.draft.choose(), room - 1)
+        """One round for every row; returns the rows that finished since the last step (they have left the batch)."""
+        if self.rows:
+            self._round()
+        done, self.finished = self.finished, []
+        return done
+
+    def _round(self):
+        room = [r.max_tokens - len(r.tokens) for r in self.rows]
+        k = 0 if self.drafter is None else min(self.draft.choose([r.stats for r in self.rows], room), max(room) - 1)
         result, self.x, self.g = Round(self.target, self.drafter, self.cache, self.x, self.g, k, self.params,
                                        self._next_key()).finish()
         self.draft.update(k, [len(t) - 1 for t in result.tokens], result.seconds)
-        done = []
         for row, new in zip(self.rows, result.tokens):
             row.stats.record(k, len(new) - 1)
             row.stats.decode_seconds += result.seconds
             if self._emit(row, new):
-                done.append(row)
-        if done:
-            keep = [i for i, r in enumerate(self.rows) if r.finish_reason is None]
+                self.finished.append(row)
+        self._keep([i for i, r in enumerate(self.rows) if r.finish_reason is None])
+
+    def remove(self, row: Row, reason: str = "cancelled"):
+        """Take a row out of the batch between rounds (a cancelled request); the tokens it has stay in `row`."""
+        if row.finish_reason is None:
+            row.finish_reason = reason
+        self._keep([i for i, r in enumerate(self.rows) if r is not row])
+
+    def _keep(self, keep: list[int]):
+        if len(keep) < len(self.rows):
             self.cache.take_rows(keep)
             idx = mx.array(keep, dtype=mx.int32)
             self.x, self.g = self.x[idx], self.g[idx]
             self.rows = [self.rows[i] for i in keep]
-        return done
 
     def _emit(self, row: Row, new: list[int]) -> bool:
         """Append a row's new tokens up to EOS / max_tokens / a stop string; True when the row is finished."""
@@ -107,28 +136,29 @@ class BatchDecoder:
                 row.finish_reason = "length"
                 break
         row.stats.generated_tokens = len(row.tokens)
-        if row.stops and self.tokenizer is not None and row.finish_reason is None:
-            text = self.tokenizer.decode(row.tokens)
-            if any(s in text for s in row.stops):
+        if row.stops and self.tokenizer is not None and row.finish_reason != "stop":
+            if any(s in self.tokenizer.decode(row.tokens) for s in row.stops):
                 row.finish_reason = "stop"
         return row.finish_reason is not None
 
     def text(self, row: Row) -> str:
-        tokens = [t for t in row.tokens if t not in self.eos_ids]
-        text = self.tokenizer.decode(tokens)
+        """A row's text: EOS dropped, cut before the first stop string."""
+        text = self.tokenizer.decode([t for t in row.tokens if t not in self.eos_ids])
         cut = min((i for i in (text.find(s) for s in row.stops) if i >= 0), default=-1)
         return text if cut < 0 else text[:cut]
 
 
-def generate_batch(engine, prompts, max_tokens=256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                   min_p: float = 0.0, draft_tokens="auto", stop=(), seed: int | None = None):
-    """Generate for several prompts at once; one Generation per prompt, in order."""
+def generate_batch(engine, prompts, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+                   top_k: int = 0, min_p: float = 0.0, draft_tokens="auto", stop=(), seed: int | None = None) -> list:
+    """Generate for several prompts at once (strings, chat messages or token ids, as `generate` takes); returns
+    one `Generation` per prompt, in order. Each row is what `generate` gives for that prompt alone (greedy: the
+    same tokens; sampling: the same distribution)."""
     from .generate import Generation, draft_length
 
+    stops = [s for s in ([stop] if isinstance(stop, str) else stop) if s]
     decoder = BatchDecoder(engine.target, engine.drafter, SamplingParams(temperature, top_p, top_k, min_p),
-                           draft_length(0 if engine.drafter is None else draft_tokens), engine.eos_ids,
-                           engine.tokenizer, engine.chunk, seed)
-    stops = [stop] if isinstance(stop, str) else list(stop)
+                           draft_length(0 if engine.drafter is None and draft_tokens == "auto" else draft_tokens),
+                           engine.eos_ids, engine.tokenizer, engine.chunk, seed)
     rows = [decoder.add(engine.encode(p), max_tokens, stops) for p in prompts]
     while decoder.rows:
         decoder.step()

@@ -105,10 +105,14 @@ class LayerCache:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
     def take_rows(self, rows: list[int]):
-        """Keep only these rows (batch rows that finished leave; between rounds, so a copy is fine)."""
-        idx = mx.array(rows, dtype=mx.int32)
-        self.keys, self.values = self.keys[idx], self.values[idx]
+        """Keep only these rows (batch rows that finished leave; between rounds, so a copy is fine). A linear
+        buffer also drops the slots only the rows that left were using."""
         self.lengths = self.lengths[rows]
+        if self.keys is None:
+            return
+        idx = mx.array(rows, dtype=mx.int32)
+        size = self.keys.shape[2] if self.is_ring else -(-int(self.lengths.max(initial=0)) // GROW_STEP) * GROW_STEP
+        self.keys, self.values = self.keys[..., :size, :][idx], self.values[..., :size, :][idx]
 
     def extend_rows(self, other: "LayerCache"):
         """Append the rows of another cache (a prefilled row joining the batch); linear buffers are padded to a

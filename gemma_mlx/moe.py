@@ -1,9 +1,13 @@
 """The MoE experts of Gemma 4 (spec §1.3.5) with expert-union verification.
 
-mlx-lm's SwitchGLU computes every (token, expert) pair as its own product, so a verify step over B×(K+1) tokens
-reads expert weights B×(K+1)×top_k times even when tokens share experts. For multi-token steps this module routes
-all tokens, groups them by expert, and runs each selected expert once over all its tokens (`gather_mm` /
-`gather_qmm` with one right-hand matrix per distinct expert): the cost grows with the number of distinct experts.
+mlx-lm's SwitchGLU runs one product per (token, expert) pair: a verify step over B×(K+1) tokens reads expert
+weights B×(K+1)×top_k times even when tokens share experts. It sorts the pairs by expert once there are >= 64 of
+them, but that only helps Metal's kernel; MLX's CPU `gather_mm` / `gather_qmm` still runs one M=1 product per pair,
+sorted or not. For multi-token steps this module routes all tokens, groups them by expert, and runs each selected
+expert once over all its tokens (`gather_mm` / `gather_qmm` with one right-hand matrix per distinct expert, M = its
+token count): the cost grows with the number of distinct experts, not with tokens×top_k. Experts are bucketed by
+token count rounded up to a power of two, so padding rows stay under 2× the real ones (one bucket padded to the
+busiest expert costs more than the per-pair path when routing is uneven).
 Single-token decode keeps SwitchGLU's path (top_k distinct experts; nothing to share). Parameter names are
 mlx-lm's (`experts.switch_glu.{gate,up,down}_proj`), quantized or not.
 """
@@ -35,20 +39,27 @@ class Experts(nn.Module):
         shape, k = x.shape, indices.shape[-1]
         x = x.reshape(-1, shape[-1])
         flat = np.array(indices).reshape(-1)  # routing must be known on the host to group tokens (one sync)
-        order = np.argsort(flat, kind="stable")
+        order = np.argsort(flat, kind="stable")  # (token, choice) pairs grouped by expert
         experts, starts, counts = np.unique(flat[order], return_index=True, return_counts=True)
-        if len(experts) > 0.8 * len(flat):  # little sharing: grouping would only add gathers
+        if len(experts) == len(flat):  # no expert shared: grouping would only add gathers
             return (self.switch_glu(x, indices.reshape(-1, k)) * weights.reshape(-1, k, 1)).sum(-2).reshape(shape)
-        groups = int(counts.max())
-        rank = np.arange(len(flat)) - np.repeat(starts, counts)  # position of each sorted pair in its group
-        group_of = np.repeat(np.arange(len(experts)), counts)
-        table = np.zeros((len(experts), groups), dtype=np.int32)  # token index per (expert, slot); pad = token 0
-        table[group_of, rank] = order // k
-        slot = np.empty(len(flat), dtype=np.int32)  # where each (token, choice) pair's output lands
-        slot[order] = group_of * groups + rank
-        e = mx.array(experts.astype(np.int32))
-        xg = x[mx.array(table)]  # [U, G, H]
-        s = self.switch_glu
-        y = s.down_proj(s.activation(s.up_proj(xg, e), s.gate_proj(xg, e)), e)  # each distinct expert once: [U, G, H]
-        y = y.reshape(-1, shape[-1])[mx.array(slot)].reshape(-1, k, shape[-1])
+        expert_of = np.repeat(np.arange(len(experts)), counts)  # per sorted pair: which distinct expert
+        rank = np.arange(len(flat)) - np.repeat(starts, counts)  # per sorted pair: its place in that expert's group
+        size = 1 << np.ceil(np.log2(counts)).astype(np.int64)  # group size per expert: count rounded up to 2^n
+        slot = np.empty(len(flat), dtype=np.int64)  # where each (token, choice) pair's output lands
+        s, outs, base = self.switch_glu, [], 0
+        for g in np.unique(size):
+            members = np.nonzero(size == g)[0]
+            row = np.zeros(len(experts), dtype=np.int64)
+            row[members] = np.arange(len(members))
+            pairs = size[expert_of] == g
+            table = np.zeros((len(members), g), dtype=np.int32)  # token per (expert, slot); padding = token 0
+            table[row[expert_of[pairs]], rank[pairs]] = order[pairs] // k
+            slot[order[pairs]] = base + row[expert_of[pairs]] * g + rank[pairs]
+            base += len(members) * int(g)
+            e = mx.array(experts[members].astype(np.int32))
+            xg = x[mx.array(table)]  # [U_g, g, H]
+            y = s.down_proj(s.activation(s.up_proj(xg, e), s.gate_proj(xg, e)), e)  # each expert once over its tokens
+            outs.append(y.reshape(-1, shape[-1]))
+        y = (mx.concatenate(outs) if len(outs) > 1 else outs[0])[mx.array(slot)].reshape(-1, k, shape[-1])
         return (y * weights.reshape(-1, k, 1)).sum(1).reshape(shape)

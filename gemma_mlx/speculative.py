@@ -138,29 +138,47 @@ class DraftLength:
     with a_i the (decayed) acceptance rate of draft position i given the ones before were accepted and T(K) the
     measured round time, fitted as c0 + c1·K over the K values seen. K = 0 (plain decoding) whenever drafting does
     not pay; then every `probe_every` rounds one K = 1 round keeps a_1 up to date.
+
+    A batch shares one K (`choose(rows, room)`): it maximises the expected tokens per second summed over the rows,
+    Σ_b E_b(K) / T_B(K). E_b uses row b's own acceptance by position, shrunk (while the row has few rounds there)
+    towards its estimate at the previous position, at the first position towards the pooled rate, so a row that is
+    always right gets to try deeper drafts; E_b counts at most the `room` tokens the row still needs. T_B is fitted
+    on the rounds run at this batch size B (verification gets relatively dearer as B grows, sooner on compute-bound
+    hardware); at a batch size not fitted yet the nearest fitted one stands in, and one round tries a second K
+    there so it gets its own fit.
     """
+
+    ROW_PRIOR = 4.0  # weight, in rounds, of the prior in a row's acceptance estimate at each position
 
     def __init__(self, fixed: int | None = None, k_max: int = 7, start: int = 3, probe_every: int = 32):
         if fixed is not None and not 0 <= fixed <= K_MAX:
             raise ValueError(f"draft length must be in 0..{K_MAX}, got {fixed}")
         self.fixed, self.k_max, self.start, self.probe_every = fixed, k_max, start, probe_every
-        self.hits = np.full(k_max, 1.2)  # prior: acceptance 0.6 with weight 2, so drafting gets tried
-        self.tries = np.full(k_max, 2.0)
-        self.time_sum = np.zeros(k_max + 1)
-        self.time_n = np.zeros(k_max + 1)
+        self.hits = np.full(K_MAX, 1.2)  # prior: acceptance 0.6 with weight 2, so drafting gets tried
+        self.tries = np.full(K_MAX, 2.0)
+        self.time_sum: dict[int, np.ndarray] = {}  # batch size -> decayed sum of round seconds per K
+        self.time_n: dict[int, np.ndarray] = {}
         self.rounds = 0
         self.plain_streak = 0
         self.plain_requested = False
+        self.explored: set[int] = set()
 
-    def choose(self) -> int:
+    def choose(self, rows: list | None = None, room: list | None = None) -> int:
+        """K for the next round; `rows`: the batch rows' Stats (None: batch 1, pooled acceptance), `room`: tokens
+        each row may still emit."""
         if self.fixed is not None:
             return self.fixed
+        batch = 1 if rows is None else len(rows)
         if self.rounds < 2:
             return self.start
-        if self.time_n[0] == 0 and not self.plain_requested:
+        if not any(n[0] for n in self.time_n.values()) and not self.plain_requested:
             self.plain_requested = True
             return 0  # measure the plain step once
-        best = self.best()
+        best = self.best(rows, room)
+        seen = self._seen(batch)
+        if len(seen) == 1 and best in seen and batch not in self.explored:  # a second K gives this batch size a fit
+            self.explored.add(batch)
+            return best - 1 if best >= 2 else best + 1
         if best == 0:
             self.plain_streak += 1
             if self.plain_streak % self.probe_every == 0:
@@ -169,32 +187,57 @@ class DraftLength:
             self.plain_streak = 0
         return best
 
-    def best(self) -> int:
-        a = self.hits / self.tries
-        expected = 1 + np.concatenate([[0.0], np.cumsum(np.cumprod(a))])
-        cost = self.round_time(np.arange(self.k_max + 1))
+    def best(self, rows: list | None = None, room: list | None = None) -> int:
+        ks = np.arange(self.k_max + 1)
+        pooled = self.hits[: self.k_max] / self.tries[: self.k_max]
+        if rows is None:
+            expected = 1 + np.concatenate([[0.0], np.cumsum(np.cumprod(pooled))])
+        else:
+            expected = np.zeros(len(ks))
+            for i, stats in enumerate(rows):
+                hit = np.asarray(stats.accepted_by_position[: self.k_max], float)
+                tried = np.asarray(stats.attempted_by_position[: self.k_max], float)
+                a = np.empty(self.k_max)
+                for j in range(self.k_max):  # little data at a position: lean on the previous one (flat)
+                    prior = pooled[0] if j == 0 else a[j - 1]
+                    a[j] = (hit[j] + self.ROW_PRIOR * prior) / (tried[j] + self.ROW_PRIOR)
+                reach = np.concatenate([[1.0], np.cumprod(a)])  # P(at least j drafts accepted)
+                cap = (room[i] if room is not None else len(ks)) - 1  # the row emits at most room tokens
+                expected += np.cumsum(np.where(ks <= cap, reach, 0.0))
+        cost = self.round_time(ks, 1 if rows is None else len(rows))
         return int(np.argmax(expected / cost))
 
-    def round_time(self, k: np.ndarray) -> np.ndarray:
-        seen = self.time_n > 0
-        ks, mean = np.nonzero(seen)[0], self.time_sum[seen] / self.time_n[seen]
-        if len(ks) == 1:
-            return np.full(len(k), mean[0])
-        c1, c0 = np.polyfit(ks, mean, 1, w=np.sqrt(self.time_n[seen]))
+    def round_time(self, k: np.ndarray, batch: int = 1) -> np.ndarray:
+        """Round seconds for each K at this batch size, up to a factor that does not depend on K (all that the
+        choice needs): this batch size's fit, else the nearest batch size with a fit, else the mean round time."""
+        fitted = [b for b in self.time_n if len(self._seen(b)) > 1]
+        if not fitted:
+            total = sum(s.sum() for s in self.time_sum.values()) / sum(n.sum() for n in self.time_n.values())
+            return np.full(len(k), total)
+        b = min(fitted, key=lambda b: (abs(b - batch), -b))
+        seen = self.time_n[b] > 0
+        ks, mean = np.nonzero(seen)[0], self.time_sum[b][seen] / self.time_n[b][seen]
+        c1, c0 = np.polyfit(ks, mean, 1, w=np.sqrt(self.time_n[b][seen]))
         return np.maximum(c0 + c1 * k, 1e-9)
+
+    def _seen(self, batch: int) -> set:
+        return set(np.nonzero(self.time_n[batch])[0].tolist()) if batch in self.time_n else set()
 
     def update(self, k: int, n_accepted, seconds: float, decay: float = 0.98):
         """After a round of K drafts: n accepted (one int, or one per batch row) in `seconds`."""
         self.rounds += 1
+        rows = np.atleast_1d(n_accepted)
         if k:
             self.hits *= decay
             self.tries *= decay
-            rows = np.atleast_1d(n_accepted)
             for n in rows:  # each row weighs 1/B: a round moves the estimates the same at any batch size
                 self.tries[: min(k, n + 1)] += 1 / len(rows)
                 self.hits[:n] += 1 / len(rows)
-        self.time_sum[k] = self.time_sum[k] * decay + seconds
-        self.time_n[k] = self.time_n[k] * decay + 1
+        b = len(rows)
+        if b not in self.time_n:
+            self.time_sum[b], self.time_n[b] = np.zeros(K_MAX + 1), np.zeros(K_MAX + 1)
+        self.time_sum[b][k] = self.time_sum[b][k] * decay + seconds
+        self.time_n[b][k] = self.time_n[b][k] * decay + 1
 
 
 class Session:
