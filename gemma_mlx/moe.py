@@ -2,14 +2,20 @@
 
 mlx-lm's SwitchGLU runs one product per (token, expert) pair: a verify step over B×(K+1) tokens reads expert
 weights B×(K+1)×top_k times even when tokens share experts. It sorts the pairs by expert once there are >= 64 of
-them, but that only helps Metal's kernel; MLX's CPU `gather_mm` / `gather_qmm` still runs one M=1 product per pair,
-sorted or not. For multi-token steps this module routes all tokens, groups them by expert, and runs each selected
-expert once over all its tokens (`gather_mm` / `gather_qmm` with one right-hand matrix per distinct expert, M = its
-token count): the cost grows with the number of distinct experts, not with tokens×top_k. Experts are bucketed by
-token count rounded up to a power of two, so padding rows stay under 2× the real ones (one bucket padded to the
-busiest expert costs more than the per-pair path when routing is uneven).
-Single-token decode keeps SwitchGLU's path (top_k distinct experts; nothing to share). Parameter names are
-mlx-lm's (`experts.switch_glu.{gate,up,down}_proj`), quantized or not.
+them (`sorted_indices`), which only Metal's kernel uses; MLX's CPU `gather_mm` / `gather_qmm` still run one M=1
+product per pair, sorted or not, and verify steps of a few rows never reach 64 pairs anyway. For multi-token steps
+this module routes all tokens, groups them by expert, and runs each selected expert once over all its tokens
+(`gather_mm` / `gather_qmm` with one right-hand matrix per distinct expert, M = its token count): the cost grows
+with the number of distinct experts, not with tokens×top_k. Experts are bucketed by token count rounded up to a
+power of two, so padding rows stay under 2× the real ones (one bucket padded to the busiest expert costs more
+than the per-pair path when routing is uneven). Single-token decode keeps SwitchGLU's path (top_k distinct
+experts; nothing to share).
+
+Two CPU exceptions, both from MLX's CPU kernels: quantized experts keep the per-pair path there (the CPU
+`gather_qmm` costs the same per row whatever M, so grouping only adds the padding rows), and bf16/fp16 experts,
+which the CPU `gather_mm` refuses (float32 only), always take the grouped path with each expert's matrix gathered
+and multiplied by a plain matmul. Parameter names are mlx-lm's (`experts.switch_glu.{gate,up,down}_proj`),
+quantized or not.
 """
 
 from __future__ import annotations
@@ -26,28 +32,31 @@ class Experts(nn.Module):
         super().__init__()
         self.switch_glu = SwitchGLU(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts,
                                     activation=GeGLU(), bias=False)
-        self.union = True  # False: mlx-lm's per-pair path everywhere (for the bench's comparison)
+        self.union = True  # False: mlx-lm's per-pair path (where it runs; for the bench's comparison)
 
     def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
         """x [..., H], indices/weights [..., top_k] -> [..., H]."""
         tokens = int(np.prod(x.shape[:-1]))
-        if tokens == 1 or not self.union:
-            return (self.switch_glu(x, indices) * weights[..., None]).sum(-2)
-        return self._union(x, indices, weights)
+        on_cpu, quantized = mx.default_device() == mx.cpu, "scales" in self.switch_glu.up_proj
+        half_on_cpu = on_cpu and not quantized and self.switch_glu.up_proj.weight.dtype != mx.float32
+        if half_on_cpu or (self.union and tokens > 1 and not (on_cpu and quantized)):
+            return self._grouped(x, indices, weights, matmul=half_on_cpu)
+        return (self.switch_glu(x, indices) * weights[..., None]).sum(-2)
 
-    def _union(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+    def _grouped(self, x: mx.array, indices: mx.array, weights: mx.array, matmul: bool = False) -> mx.array:
         shape, k = x.shape, indices.shape[-1]
         x = x.reshape(-1, shape[-1])
         flat = np.array(indices).reshape(-1)  # routing must be known on the host to group tokens (one sync)
         order = np.argsort(flat, kind="stable")  # (token, choice) pairs grouped by expert
         experts, starts, counts = np.unique(flat[order], return_index=True, return_counts=True)
-        if len(experts) == len(flat):  # no expert shared: grouping would only add gathers
+        if len(experts) == len(flat) and not matmul:  # no expert shared: grouping would only add gathers
             return (self.switch_glu(x, indices.reshape(-1, k)) * weights.reshape(-1, k, 1)).sum(-2).reshape(shape)
         expert_of = np.repeat(np.arange(len(experts)), counts)  # per sorted pair: which distinct expert
         rank = np.arange(len(flat)) - np.repeat(starts, counts)  # per sorted pair: its place in that expert's group
         size = 1 << np.ceil(np.log2(counts)).astype(np.int64)  # group size per expert: count rounded up to 2^n
         slot = np.empty(len(flat), dtype=np.int64)  # where each (token, choice) pair's output lands
         s, outs, base = self.switch_glu, [], 0
+        project = _matmul if matmul else (lambda proj, xg, e: proj(xg, e))
         for g in np.unique(size):
             members = np.nonzero(size == g)[0]
             row = np.zeros(len(experts), dtype=np.int64)
@@ -59,7 +68,12 @@ class Experts(nn.Module):
             base += len(members) * int(g)
             e = mx.array(experts[members].astype(np.int32))
             xg = x[mx.array(table)]  # [U_g, g, H]
-            y = s.down_proj(s.activation(s.up_proj(xg, e), s.gate_proj(xg, e)), e)  # each expert once over its tokens
-            outs.append(y.reshape(-1, shape[-1]))
+            h = s.activation(project(s.up_proj, xg, e), project(s.gate_proj, xg, e))
+            outs.append(project(s.down_proj, h, e).reshape(-1, shape[-1]))  # each expert once over its tokens
         y = (mx.concatenate(outs) if len(outs) > 1 else outs[0])[mx.array(slot)].reshape(-1, k, shape[-1])
         return (y * weights.reshape(-1, k, 1)).sum(1).reshape(shape)
+
+
+def _matmul(proj, x: mx.array, e: mx.array) -> mx.array:
+    """x [U, G, in] times the matrices of experts e [U] of one unquantized SwitchLinear, without gather_mm."""
+    return x @ proj.weight[e].swapaxes(-1, -2)
