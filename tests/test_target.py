@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 from oracle import hf_forward
 
-VARIANTS = ["plain", "nosoftcap", "kvshared", "ple", "moe", "keqv", "e2blike", "mm", "unified"]
+# "mm" (the multimodal wrapper reduced to text) is conditioned ("-calm", oracle.calm): at its seed the random net is
+# chaotic enough that fp32 rounding alone exceeds 1e-4 (transformers fp32 itself is 1.3e-4 from its fp64 result at
+# layer 3, ours 1.4e-4), which would test the rounding, not the port. Its text stack is e2blike's, which stays raw.
+VARIANTS = ["plain", "nosoftcap", "kvshared", "ple", "moe", "keqv", "e2blike", "mm-calm", "unified"]
 W = 8
 rng = np.random.default_rng(1)  # ids 500-506 are the multimodal placeholders of the "mm" oracle
 SHORT = [2] + rng.integers(3, 500, 4).tolist()  # < W
