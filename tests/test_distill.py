@@ -1,0 +1,295 @@
+"""`gemma-mlx distill` (gemma_mlx/distill.py): a drafter trained for a tiny Gemma 4 target (the oracle's conditioned
+"plain-calm") and a tiny Gemma 3 target is a Hugging Face gemma4_assistant checkpoint that our converter converts,
+`gemma_mlx.load` pairs with its target and transformers' Gemma4AssistantForCausalLM runs with the same logits
+(spec §2.2–2.5); its centroid head is a balanced permutation (§2.5); training raises held-out acceptance and greedy
+output stays token-identical; the training forward is the runtime drafter's computation (§2.4, §2.6); a run
+resumes from its checkpoint; bad input is one line and exit code 1."""
+
+import json
+
+import gemma_mlx  # noqa: F401  (OpenBLAS before mlx.core)
+import mlx.core as mx
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from gemma_mlx import distill as D
+from gemma_mlx.config import DrafterConfig
+
+S, F = "sliding_attention", "full_attention"
+K = 3
+TINY = dict(layers=2, hidden_size=32, num_centroids=16, draft_steps=K, samples=32, max_new_tokens=20, seed=0,
+            eval_tokens=24, learning_rate=3e-3)
+
+
+def run(target, out, **kw) -> dict:
+    return D.distill(D.Options(target=str(target), out=str(out), **{**TINY, **kw}))
+
+
+@pytest.fixture(scope="module")
+def gemma4(mlx_dir, tmp_path_factory):
+    """(target dir, distilled drafter dir, result) for the oracle's plain-calm Gemma 4 target."""
+    target = mlx_dir("plain-calm")
+    out = tmp_path_factory.mktemp("distill") / "drafter"
+    return target, out, run(target, out, steps=40)
+
+
+def tiny_gemma3(out):
+    """A tiny Gemma 3 target as an MLX dir (config, weights, the oracle's tokenizer), conditioned like a trained
+    net: the blocks' output norms at 0.1 (Gemma 3 scales by 1 + w)."""
+    import torch
+    from mlx.utils import tree_flatten
+    from oracle import save_tokenizer
+    from test_gemma3 import BASE, perturb
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from gemma_mlx.gemma3 import Gemma3Target
+
+    torch.manual_seed(0)
+    hf = Gemma3ForCausalLM(Gemma3TextConfig(**BASE, layer_types=[S, S, F, S, S, F])).eval()
+    perturb(hf, 301)
+    target = Gemma3Target.from_config_dict(hf.config.to_dict())
+    weights = {k: mx.array(v.detach().numpy()) for k, v in hf.state_dict().items()}
+    for k in weights:
+        if k.endswith(("post_attention_layernorm.weight", "post_feedforward_layernorm.weight")):
+            weights[k] = mx.full(weights[k].shape, -0.9)
+    target.load_weights(list(target.sanitize(weights).items()), strict=True)
+    out.mkdir(parents=True)
+    cfg = target.config.to_dict()
+    cfg["eos_token_id"] = [1, 106]
+    (out / "config.json").write_text(json.dumps(cfg))
+    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(target.parameters())),
+                        metadata={"format": "mlx"})
+    save_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory):
+    root = tmp_path_factory.mktemp("g3distill")
+    target = tiny_gemma3(root / "target")
+    return target, root / "drafter", run(target, root / "drafter", steps=40)
+
+
+def converted(drafter_dir, tmp_path, **kw):
+    from gemma_mlx.convert import convert
+
+    return convert(str(drafter_dir), tmp_path / "mlx-drafter", dtype="fp32", progress=False, **kw)
+
+
+# --- the saved checkpoint ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["gemma4", "gemma3"])
+def test_saved_dir_is_a_hf_gemma4_assistant_checkpoint(which, request):
+    """§2.1/§2.2: config with a text_config, HF tensor names and shapes, int64 token_ordering, num_assistant_tokens;
+    no lm_head (tied), no K/V weights (every layer reads the target's)."""
+    from gemma_mlx.convert.weights import drafter_layout
+
+    _, out, result = request.getfixturevalue(which)
+    raw = json.loads((out / "config.json").read_text())
+    assert raw["model_type"] == "gemma4_assistant" and raw["text_config"]["model_type"] == "gemma4_text"
+    assert raw["use_ordered_embeddings"] and raw["num_centroids"] == 16 and raw["tie_word_embeddings"]
+    assert raw["text_config"]["num_kv_shared_layers"] == raw["text_config"]["num_hidden_layers"] == 2
+    assert json.loads((out / "generation_config.json").read_text())["num_assistant_tokens"] == K
+    layout = drafter_layout(DrafterConfig.from_dict(raw))
+    weights = mx.load(str(out / "model.safetensors"))
+    assert {k: tuple(v.shape) for k, v in weights.items()} == layout.shapes
+    assert weights["masked_embedding.token_ordering"].dtype == mx.int64
+    assert json.loads((out / "acceptance.json").read_text()) == json.loads(json.dumps(result))
+    assert not (out / "tokenizer.json").exists()  # a drafter uses its target's tokenizer
+
+
+@pytest.mark.parametrize("which", ["gemma4", "gemma3"])
+def test_token_ordering_is_a_permutation_in_equal_groups(which, request):
+    _, out, _ = request.getfixturevalue(which)
+    w = mx.load(str(out / "model.safetensors"))
+    order = np.array(w["masked_embedding.token_ordering"])
+    assert sorted(order.tolist()) == list(range(512))
+    groups = order.reshape(16, 32)  # C groups of V/C: bucket c = token_ordering.reshape(C, V/C)[c] (§2.5)
+    assert len({frozenset(g.tolist()) for g in groups}) == 16
+
+
+def test_balanced_kmeans_fills_every_cluster_exactly():
+    x = np.random.default_rng(0).normal(size=(600, 5)).astype(np.float32)
+    x[:300] += 4.0  # lopsided: half the points crowd one region
+    assign, centers = D.balanced_kmeans(x, 12, iters=4, seed=0)
+    assert np.bincount(assign, minlength=12).tolist() == [50] * 12
+    np.testing.assert_allclose(centers, np.stack([x[assign == c].mean(0) for c in range(12)]), atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["gemma4", "gemma3"])
+def test_converts_loads_and_greedy_output_is_unchanged(which, request, tmp_path):
+    target, out, _ = request.getfixturevalue(which)
+    engine = gemma_mlx.load(str(target), drafter=str(converted(out, tmp_path)))
+    assert engine.drafter.config.use_ordered_embeddings
+    for prompt in ["the old man and the sea", "why is the sky blue", "one two three"]:
+        plain = gemma_mlx.generate(engine, prompt, max_tokens=24, draft_tokens=0, reuse_cache=False)
+        spec = gemma_mlx.generate(engine, prompt, max_tokens=24, draft_tokens=K, reuse_cache=False)
+        assert spec.tokens == plain.tokens
+        assert spec.stats.drafted_tokens > 0
+
+
+def test_quantized_conversion_loads(gemma4, tmp_path):
+    target, out, _ = gemma4
+    engine = gemma_mlx.load(str(target), drafter=str(converted(out, tmp_path, quantize=8, group_size=32)))
+    plain = gemma_mlx.generate(engine, "one two three", max_tokens=16, draft_tokens=0)
+    assert gemma_mlx.generate(engine, "one two three", max_tokens=16, draft_tokens=K, reuse_cache=False).tokens \
+        == plain.tokens
+
+
+@pytest.mark.parametrize("which", ["gemma4", "gemma3"])
+def test_training_raises_held_out_acceptance(which, request):
+    _, _, result = request.getfixturevalue(which)
+    before, after = result["before"], result["after"]
+    assert after["acceptance_by_position"][0] > before["acceptance_by_position"][0] + 0.3, result
+    assert after["tokens_per_round"] > before["tokens_per_round"] + 0.5, result
+    assert result["same_output_before_after"]  # both are lossless speculative runs of the same prompts
+
+
+def test_transformers_runs_the_saved_checkpoint_with_our_logits(gemma4, hf_dir, tmp_path):
+    """Gemma4AssistantForCausalLM (patched, tests/oracle.py) reads the saved dir; one drafter call on the target's
+    shared K/V gives our converted drafter's logits (§2.3–2.5; unselected tokens = min(selected) − 1)."""
+    from oracle import hf_drafter_call, hf_embed_scaled, hf_forward, hf_shared_kv
+
+    from gemma_mlx.loader import load_checkpoint
+
+    target_dir, out, _ = gemma4
+    hf_target = hf_dir("plain-calm")
+    target = load_checkpoint(target_dir)
+    drafter = load_checkpoint(converted(out, tmp_path)).bind(target)
+    ids = [2] + np.random.default_rng(4).integers(7, 500, 19).tolist()  # longer than W + 1 = 9
+    L = len(ids)  # x = ids[L-1] is drafted from; the cache holds 0…L−2
+    _, hidden = hf_forward(hf_target, ids[:-1])
+    kv = hf_shared_kv(hf_target, ids[:-1])
+    u = np.concatenate([hf_embed_scaled(hf_target, ids[-1]), hidden[-1]])
+    ref_logits, ref_g = hf_drafter_call(out, u, L - 1, kv)
+    cache = target.make_cache(1, chunk=32)
+    target.prefill(mx.array([ids[:-1]]), cache)
+    h, g = drafter.forward(mx.array(u)[None, None], mx.array(cache.lengths, dtype=mx.int32), cache,
+                           drafter.masks(cache))
+    np.testing.assert_allclose(np.array(g[0, 0]), ref_g, atol=1e-4)
+    ours = np.array(drafter.full_logits(h)[0])
+    np.testing.assert_allclose(ours, ref_logits, atol=1e-4)
+    assert ours.argmax() == ref_logits.argmax()
+
+
+# --- the training forward is the runtime drafter --------------------------------------------------------------------
+
+
+def test_training_forward_is_the_runtime_drafters_computation(mlx_target):
+    """For start positions before and past the sliding window (W = 8): drafter_steps' hidden for step j from p equals
+    Drafter.step fed the same inputs on a cache holding positions 0…p−1 (§2.6), and with the drafts themselves as
+    the continuation, its greedy tokens are Drafter.draft's."""
+    target = mlx_target("plain-calm")
+    opts = D.Options(target="", out="", layers=4, hidden_size=32, draft_steps=K)
+    drafter = D.new_drafter(target, D.drafter_config(target.config, opts, 16), 0, D.Reporter())
+    seq = [2] + np.random.default_rng(5).integers(7, 500, 29).tolist()
+    batch = D.teacher_force(target, [seq])
+    steps = D.drafter_steps(drafter, target, batch, K)
+    for p in (1, 4, 9, 13, 22):
+        cache = target.make_cache(1, chunk=8)
+        target.prefill(mx.array([seq[:p]]), cache)
+        masks, offset = drafter.masks(cache), mx.array(cache.lengths, dtype=mx.int32)
+        g = batch.hidden[:, p - 1 : p]
+        for j in range(K):
+            h, g = drafter.step(mx.array([[seq[p + j]]]), g, offset, cache, masks)
+            np.testing.assert_allclose(np.array(h[0]), np.array(steps[j][0, p - 1]), atol=1e-4,
+                                       err_msg=f"start {p}, step {j + 1}")
+        drafts = drafter.draft(mx.array([[seq[p]]]), batch.hidden[:, p - 1 : p], cache, K)[0].tolist()
+        chained = D.drafter_steps(drafter, target, D.teacher_force(target, [seq[: p + 1] + drafts[:-1]]), K)
+        assert [int(drafter.greedy(h[:, p - 1])[0]) for h in chained] == drafts, f"start {p}"
+
+
+def test_training_masks_are_the_runtime_masks():
+    """Query p sees keys p−1−W … p−1 on sliding layers and 0 … p−1 on full ones (§2.4, clean view)."""
+    from gemma_mlx.drafter import Drafter
+
+    raw = D.drafter_config(_FakeTarget(), D.Options(target="", out="", layers=2, hidden_size=16), 4)
+    masks = D.training_masks(Drafter(DrafterConfig.from_dict(raw)), 20)
+    sliding, full = np.array(masks[S])[0, 0], np.array(masks[F])[0, 0]
+    for p in range(1, 20):
+        assert np.nonzero(full[p - 1])[0].tolist() == list(range(p))
+        assert np.nonzero(sliding[p - 1])[0].tolist() == list(range(max(0, p - 1 - 8), p))
+
+
+class _FakeTarget:
+    """Just the geometry drafter_config reads (a Gemma 4 text config with W = 8)."""
+
+    def __new__(cls):
+        from gemma_mlx.config import TextConfig
+
+        return TextConfig.from_dict(dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, layer_types=[S, F],
+                                         head_dim=8, global_head_dim=16, sliding_window=8))
+
+
+# --- resume, time budget, bad input -------------------------------------------------------------------------------
+
+
+class StopAt(D.Reporter):
+    """Interrupts training at a step (as Ctrl-C would); records the step training started from."""
+
+    def __init__(self, stop=None):
+        self.phase_name, self.stop, self.started_at, self.step = None, stop, None, 0
+
+    def phase(self, name, total=None):
+        self.phase_name = name
+
+    def advance(self, n=1, **info):
+        if self.phase_name != "training":
+            return
+        if self.started_at is None:
+            self.started_at = n
+        self.step += n
+        if self.step == self.stop:
+            raise KeyboardInterrupt
+
+
+def test_resume_continues_from_the_checkpoint(mlx_dir, tmp_path, monkeypatch):
+    target, out = mlx_dir("plain-calm"), tmp_path / "drafter"
+    opts = dict(TINY, samples=8, eval_tokens=8, checkpoint_every=0.0)
+    with pytest.raises(KeyboardInterrupt):
+        D.distill(D.Options(target=str(target), out=str(out), steps=30, **opts), StopAt(stop=12))
+    assert not out.exists()  # nothing that looks finished
+    state = json.loads((D.work_dir(out) / "state.json").read_text())
+    assert state["step"] == 11 and state["data_done"]
+
+    def no_generation(*a, **k):
+        raise AssertionError("resume regenerated the data")
+
+    monkeypatch.setattr(D, "generate_batch_sequences", no_generation)
+    seen = StopAt()
+    result = D.distill(D.Options(target=str(target), out=str(out), steps=30, resume=True,
+                                 **{k: v for k, v in opts.items() if k not in D.Options.ARCH}), seen)
+    assert seen.started_at == 11 and result["steps"] == 30 and (out / "config.json").exists()
+    # a time budget ends training in time and still saves (resumed again: the data is there)
+    result = D.distill(D.Options(target=str(target), out=str(out), time_budget=0.1, resume=True,
+                                 **{k: v for k, v in opts.items() if k not in D.Options.ARCH}))
+    assert result["steps"] > 30 and json.loads((out / "acceptance.json").read_text())["steps"] == result["steps"]
+
+
+def one_line_error(result, pattern):
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    assert pattern in lines[0], lines[0]
+
+
+def test_bad_input_is_one_line(mlx_dir, tmp_path):
+    from gemma_mlx.cli import app
+
+    runner = CliRunner()
+    target = str(mlx_dir("plain-calm"))
+    base = ["distill", "--target", target, "--out", str(tmp_path / "d")]
+    one_line_error(runner.invoke(app, ["distill", "--target", "/no/such", "--out", str(tmp_path / "d")]),
+                   "no such model directory")
+    one_line_error(runner.invoke(app, base + ["--num-centroids", "7"]), "does not divide the vocabulary size 512")
+    one_line_error(runner.invoke(app, base + ["--draft-steps", "0"]), "--draft-steps must be between 1 and 8")
+    one_line_error(runner.invoke(app, base + ["--time-budget", "-1"]), "--time-budget must be > 0")
+    one_line_error(runner.invoke(app, base + ["--prompts", str(tmp_path / "none.txt")]), "no such prompts file")
+    one_line_error(runner.invoke(app, base + ["--resume"]), "--resume: no checkpoint")
+    one_line_error(runner.invoke(app, ["distill", "--target", target, "--out", str(tmp_path)]), "already exists")
+    drafter = str(mlx_dir("plain", ordered=True))
+    one_line_error(runner.invoke(app, ["distill", "--target", drafter, "--out", str(tmp_path / "e")]),
+                   "is a drafter")
+    assert not any(".tmp-" in p.name for p in tmp_path.iterdir())
