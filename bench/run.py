@@ -1,6 +1,6 @@
 """gemma-mlx bench: MTP speed-ups measured side by side (ratios in one run, same weights, same prompts, medians of
-alternating repeats, token-identical output asserted), acceptance per draft position, step costs, memory, and
-mlx-lm's plain decoding on the same weights.
+alternating repeats, token-identical output asserted), acceptance per draft position, step costs and memory.
+The comparisons with mlx-lm and mlx-vlm are bench/peers.py.
 
 No Gemma 4 weights can be downloaded here, so the targets are random-weight models at scaled-down shapes of E2B
 (PLE + kv-shared + centroid drafter), 26B-A4B (MoE) and 31B (dense, k_eq_v), and the drafter runs its full
@@ -19,7 +19,6 @@ import platform
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -56,6 +55,16 @@ COMMON = dict(vocab_size=32768, num_attention_heads=8, num_key_value_heads=4, he
               sliding_window=128, final_logit_softcapping=30.0)
 
 
+def drafter_text(target: dict, hidden_size: int = 256, intermediate_size: int = 1024) -> dict:
+    """The assistant's text config for a target config dict: 4 layers [S, S, S, F], 4 heads, the target's KV
+    geometry and sliding window."""
+    return dict(vocab_size=target["vocab_size"], hidden_size=hidden_size, intermediate_size=intermediate_size,
+                num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=target["num_key_value_heads"],
+                head_dim=target["head_dim"], global_head_dim=target["global_head_dim"], layer_types=[S, S, S, F],
+                sliding_window=target["sliding_window"], attention_k_eq_v=target.get("attention_k_eq_v", False),
+                num_global_key_value_heads=target.get("num_global_key_value_heads"))
+
+
 def build(shape: str, seed: int = 0):
     """A random-weight target and its drafter (real computation, random weights)."""
     mx.random.seed(seed)
@@ -63,11 +72,7 @@ def build(shape: str, seed: int = 0):
     tcfg = TextConfig.from_dict({**COMMON, **spec["target"]})
     target = Target(tcfg)
     d = dict(spec["drafter"])
-    text = dict(vocab_size=tcfg.vocab_size, hidden_size=d.pop("hidden_size"), intermediate_size=1024,
-                num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=tcfg.num_key_value_heads,
-                head_dim=tcfg.head_dim, global_head_dim=tcfg.global_head_dim, layer_types=[S, S, S, F],
-                sliding_window=tcfg.sliding_window, attention_k_eq_v=tcfg.attention_k_eq_v,
-                num_global_key_value_heads=tcfg.num_global_key_value_heads)
+    text = drafter_text({**COMMON, **spec["target"]}, hidden_size=d.pop("hidden_size"))
     drafter = Drafter(DrafterConfig.from_dict(dict(text_config=text, backbone_hidden_size=tcfg.hidden_size, **d)))
     if drafter.config.use_ordered_embeddings:
         perm = np.random.default_rng(seed).permutation(tcfg.vocab_size).astype(np.int32)
@@ -186,39 +191,6 @@ def run_shape(shape, alphas, ks, n_new, repeats, prompts):
     return res, target
 
 
-def mlx_lm_plain(target, prompt, n_new, repeats):
-    """mlx-lm's own generate_step on the same weights (saved and loaded through mlx_lm.load), vs ours."""
-    from mlx_lm import load as mlx_lm_load
-    from mlx_lm.generate import generate_step
-
-    with tempfile.TemporaryDirectory() as d:
-        mx.save_safetensors(f"{d}/model.safetensors", dict(tree_flatten(target.parameters())),
-                            metadata={"format": "mlx"})
-        cfg = target.config.to_dict()
-        Path(d, "config.json").write_text(json.dumps(cfg))
-        Path(d, "tokenizer.json").write_text(_dummy_tokenizer(cfg["vocab_size"]))
-        model, _ = mlx_lm_load(d)
-    ours, theirs = [], []
-    for _ in range(repeats):
-        out, st, _ = decode(target, None, prompt, n_new, 0)
-        ours.append(st.tokens_per_second)
-        toks, t0 = [], None
-        for tok, _ in generate_step(mx.array(prompt), model, max_tokens=n_new):
-            if t0 is None:
-                t0 = time.perf_counter()
-            toks.append(int(tok))
-        theirs.append((len(toks) - 1) / (time.perf_counter() - t0))
-        assert toks == out, "mlx-lm's greedy output differs from ours"
-    return dict(ours_tps=statistics.median(ours), mlx_lm_tps=statistics.median(theirs),
-                ratio=statistics.median(ours) / statistics.median(theirs))
-
-
-def _dummy_tokenizer(vocab: int) -> str:
-    from tokenizers import Tokenizer, models
-
-    return Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0")).to_str()
-
-
 def table(results) -> str:
     lines = ["| shape | α | K | speedup | limit | efficiency | tokens/round | acceptance by position | tok/s (CPU) |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -266,6 +238,8 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--prompts", type=int, default=2, help="1: a 200-token prompt (> W); 2: plus a 40-token one")
+    ap.add_argument("--alphas", type=float, nargs="*", default=[0.0, 0.3, 0.5, 0.7, 0.9], help="α values, K auto")
+    ap.add_argument("--ks", type=int, nargs="*", default=[1, 2, 4, 7], help="fixed K values (at α = 0.7)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args(argv)
     ok, dt = blas_ok()
@@ -280,30 +254,26 @@ def main(argv=None):
     n_new = 24 if args.quick else args.tokens
     rng = np.random.default_rng(0)
     prompts = [[2] + rng.integers(3, 30000, n).tolist() for n in (200, 40)][: args.prompts]
-    results, peers = [], {}
+    results = []
     load_before = os.getloadavg()[0]
     for shape in shapes:
         t0 = time.time()
         r, target = run_shape(shape, alphas=(0.0, 0.3, 0.5, 0.7, 0.9), ks=(1, 2, 4, 7), n_new=n_new,
                               repeats=1 if args.quick else args.repeats, prompts=prompts[:1] if args.quick else prompts)
-        if shape == "31b-like" or args.quick:
-            peers[shape] = mlx_lm_plain(target, prompts[0], n_new, 1 if args.quick else args.repeats)
         results.append(r)
         print(f"{shape}: {time.time() - t0:.0f}s")
     report = dict(machine=f"{platform.machine()} {os.cpu_count()} cores, CPU fp32", blas=_blas.status,
                   load_before=load_before, load_after=os.getloadavg()[0],
-                  peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, results=results,
-                  mlx_lm_plain=peers)
+                  peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, results=results)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "speed.json").write_text(json.dumps(report, indent=1))
     md = table(results)
     mem = "\n".join(f"- {r['shape']}: drafter/target bytes {r['drafter_bytes'] / r['target_bytes']:.3f}, "
                     f"KV bytes plain {r['kv_bytes_plain']} vs with drafter {r['kv_bytes_spec']}" for r in results)
-    peer = "\n".join(f"- {s}: ours {p['ours_tps']:.1f} tok/s vs mlx-lm {p['mlx_lm_tps']:.1f} tok/s plain decoding "
-                     f"(ratio {p['ratio']:.2f}, same weights, identical tokens)" for s, p in peers.items())
     text = (f"CPU figures ({report['machine']}, {report['blas']}), batch 1, greedy, medians of "
             f"{args.repeats} alternating repeats; every speculative run asserted token-identical to plain.\n\n"
-            f"{md}\n\nMemory (peak RSS {report['peak_rss_mb']:.0f} MB):\n{mem}\n\nPeers:\n{peer}\n")
+            f"{md}\n\nMemory (peak RSS {report['peak_rss_mb']:.0f} MB):\n{mem}\n\nPeers (mlx-lm, mlx-vlm): "
+            "python -m bench.peers (peers.md).\n")
     (args.out / "speed.md").write_text(text)
     print(text)
     plot(results, args.out)
