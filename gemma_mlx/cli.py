@@ -265,8 +265,7 @@ def generate(
     import gemma_mlx
 
     if demo:
-        raise UserError("the demo pair is not available yet (it needs the Gemma 3 270M package and its distilled "
-                        "drafter, see the README)")
+        return run_demo(max_tokens if max_tokens != 256 else 64, [prompt] if prompt else None)
     if (prompt is None) == (prompts_file is None):
         raise UserError("give exactly one of --prompt and --prompts-file")
     if batch_size < 1:
@@ -297,6 +296,42 @@ def generate(
         else:
             out.print(r.text)
             err.print(f"[dim]{status_line(r.stats)}[/dim]")
+
+
+def run_demo(max_tokens: int, prompts: Optional[list] = None):
+    """Gemma 3 270M with its distilled drafter: each prompt with MTP and without, then the comparison table."""
+    from . import demo
+
+    try:
+        engine = demo.load_pair()
+    except demo.DemoError as e:
+        raise UserError(str(e)) from None
+    prompts = prompts or demo.PROMPTS[:2]
+    err.print(f"[dim]demo pair: Gemma 3 270M ({demo.target_path().name}, fp32) + {demo.DRAFTER.name}; "
+              f"{len(prompts)} prompts × {max_tokens} tokens, greedy[/dim]")
+
+    def show(c):
+        out.print(f"[bold]{c.prompt}[/bold]{c.text}\n")
+
+    results = demo.compare(engine, prompts, max_tokens=max_tokens, on_result=show)
+    table = Table(title="MTP vs plain decoding (same weights, CPU figures)" if _on_cpu() else
+                  "MTP vs plain decoding (same weights)")
+    for col in ("prompt", "plain tok/s", "MTP tok/s", "speed-up", "tokens/round", "identical"):
+        table.add_column(col)
+    for c in results:
+        table.add_row(c.prompt[:32].replace("\n", " "), f"{c.plain_tps[0]:.1f}", f"{c.mtp_tps[0]:.1f}",
+                      f"{c.speedup:.2f}x", f"{c.accepted_length[0]:.2f}", "yes" if c.identical else "[red]NO[/red]")
+    out.print(table)
+    acc = demo.acceptance_by_position(results)
+    out.print("acceptance by draft position: " + " ".join(f"{a:.2f}" for a in acc))
+    if not all(c.identical for c in results):
+        fail("MTP output differs from plain greedy decoding (a bug: please report it)")
+
+
+def _on_cpu() -> bool:
+    import mlx.core as mx
+
+    return mx.default_device() == mx.cpu
 
 
 # --- convert --------------------------------------------------------------------------------------------------
@@ -480,13 +515,18 @@ def distill(
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def bench(ctx: typer.Context, batch: bool = typer.Option(False, "--batch", help="The batch-mode bench instead.")):
+def bench(ctx: typer.Context, batch: bool = typer.Option(False, "--batch", help="The batch-mode bench instead."),
+          peers: bool = typer.Option(False, "--peers", help="The peers bench instead: mlx-lm and mlx-vlm on the same "
+                                     "converted pair.")):
     """Measure MTP vs plain decoding on scaled-down random-weight Gemma 4 shapes (README, "Performance").
     Extra arguments go to the bench script (--quick, --tokens N, --repeats N, --out DIR)."""
+    if batch and peers:
+        fail("give at most one of --batch and --peers")
     from .bench import batch as batch_bench
+    from .bench import peers as peers_bench
     from .bench import run as speed_bench
 
-    raise typer.Exit((batch_bench if batch else speed_bench).main(ctx.args))
+    raise typer.Exit((batch_bench if batch else peers_bench if peers else speed_bench).main(ctx.args))
 
 
 def kv_bytes_per_token(cfg, itemsize: int) -> int:
