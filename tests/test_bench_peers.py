@@ -52,11 +52,11 @@ def test_mlx_lm(report):
     assert lm["plain"]["same_tokens_as_ours"] and lm["plain"]["identical"]
     assert lm["target as its own draft, K 3"]["identical"]  # never rolls back
     assert lm["target as its own draft, K 3"]["acceptance"] == 1.0
-    # mlx-lm cannot roll back a wrapped RotatingKVCache: its draft-model output stays greedy only inside the window
+    # mlx-lm cannot roll back a wrapped RotatingKVCache: its draft-model output is greedy only until the cache wraps
     w = report["settings"]["sliding_window"]
     for label in ("draft model (2 layers, d 256), K 3", "draft model (2 layers, d 256), K 3, α 0.7"):
         r = lm[label]
-        assert r["identical"] or r["first_difference_position"] > w
+        assert r["identical"] or r["first_difference_position"] >= w - peers.K  # a K+1-token verify wraps it
 
 
 def test_mlx_lm_divergence_is_the_wrapped_window(report):
