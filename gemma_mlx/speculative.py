@@ -38,11 +38,13 @@ class Round:
 
     def __init__(self, target: Target, drafter: Drafter | None, cache: TargetCache, x: mx.array, g: mx.array,
                  k: int, params: SamplingParams, key=None):
-        self.cache, self.k, self.started = cache, k, time.perf_counter()
+        self.cache, self.k, started = cache, k, time.perf_counter()
         self.drafts = drafter.draft(x, g, cache, k) if k else mx.zeros((x.shape[0], 0), mx.int32)
         logits, self.hidden = target(mx.concatenate([x, self.drafts.astype(x.dtype)], axis=1), cache)
         self.accept, self.fallback = verify_choices(logits, self.drafts, params, key)
         mx.async_eval(self.drafts, self.accept, self.fallback, self.hidden)
+        self.built_at = time.perf_counter()
+        self.build_seconds = self.built_at - started
 
     def plain_next(self):
         """With K = 0 nothing is rejected, so the next (x, g) are known lazily: the next round can be queued before
@@ -50,15 +52,23 @@ class Round:
         assert self.k == 0
         return self.fallback.astype(mx.int32), self.hidden
 
-    def finish(self, since: float = 0.0):
-        """Returns (RoundResult, next x, next g); `since`: when the previous round finished (for the timing)."""
+    def finish(self, since: float | None = None, other_builds: float = 0.0):
+        """Returns (RoundResult, next x, next g). The round's seconds: the wall time since the previous round
+        finished (`since`; default: since this round was started), less the time spent building other rounds
+        meanwhile (`other_builds`: a queued plain round), plus this round's own build when it was queued before
+        `since`. Charging builds to their own round matters: on the CPU backend async_eval computes most of a graph
+        this size before returning (a queued round is computed while its predecessor is still unread); on a GPU, or
+        for a small graph, it returns at once and the round runs while the host works."""
         accept, fallback, drafts = np.array(self.accept), np.array(self.fallback), np.array(self.drafts)
         n = np.argmin(np.concatenate([accept, np.zeros((len(accept), 1), bool)], axis=1), axis=1)  # leading Trues
         self.cache.rollback(self.k - n)
         emitted = [drafts[b, : n[b]].tolist() + [int(fallback[b, n[b]])] for b in range(len(n))]
         next_x = mx.array([[e[-1]] for e in emitted], dtype=mx.int32)
         next_g = mx.take_along_axis(self.hidden, mx.array(n, dtype=mx.int32)[:, None, None], axis=1)
-        seconds = time.perf_counter() - max(self.started, since)
+        started = self.built_at - self.build_seconds
+        since = started if since is None else since
+        own_build = self.build_seconds if started < since else 0.0  # queued: built inside the previous round's time
+        seconds = max(time.perf_counter() - since - other_builds + own_build, 0.0)
         return RoundResult(emitted, self.k, seconds), next_x, next_g
 
 
@@ -162,7 +172,6 @@ class DraftLength:
         self.time_n: dict[int, np.ndarray] = {}
         self.rounds = 0
         self.plain_streak = 0
-        self.plain_requested = False
         self.explored: set[int] = set()
 
     def choose(self, rows: list | None = None, room: list | None = None) -> int:
@@ -173,9 +182,8 @@ class DraftLength:
         batch = 1 if rows is None else len(rows)
         if self.rounds < 2:
             return self.start
-        if not any(n[0] for n in self.time_n.values()) and not self.plain_requested:
-            self.plain_requested = True
-            return 0  # measure the plain step once
+        if not any(n[0] for n in self.time_n.values()):
+            return 0  # measure the plain step (the first is chosen before its time is in: stay plain until it is)
         best = self.best(rows, room)
         seen = self._seen(batch)
         if len(seen) == 1 and best in seen and batch not in self.explored:  # a second K gives this batch size a fit
@@ -236,6 +244,8 @@ class DraftLength:
                 self.tries[: min(k, n + 1)] += 1 / len(rows)
                 self.hits[:n] += 1 / len(rows)
         b = len(rows)
+        if self.rounds == 1:  # the first round pays one-time costs (the drafter's first call, new shapes)
+            return
         if b not in self.time_n:
             self.time_sum[b], self.time_n[b] = np.zeros(K_MAX + 1), np.zeros(K_MAX + 1)
         self.time_sum[b][k] = self.time_sum[b][k] * decay + seconds
@@ -327,13 +337,14 @@ def generate_tokens(target: Target, drafter: Drafter | None, session: Session, p
                 if planned == 0:
                     key, sub = mx.random.split(key)
                     queued = Round(target, drafter, session.cache, *current.plain_next(), 0, params, sub)
-            result, x, g = current.finish(finished_at)
-            finished_at = time.perf_counter()
+            result, x, g = current.finish(finished_at, queued.build_seconds if queued is not None else 0.0)
+            now = time.perf_counter()
             new = result.tokens[0]
             n = len(new) - 1
             draft.update(current.k, n, result.seconds)
             stats.record(current.k, n)
-            stats.decode_seconds += result.seconds
+            stats.decode_seconds += now - finished_at  # wall clock, host work between rounds included
+            finished_at = now
             session.extend([token] + new[:-1])  # the cache now holds the previous last token and accepted drafts
             stop = next((i for i, t in enumerate(new) if t in eos_ids), None)
             if stop is not None:
