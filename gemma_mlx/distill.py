@@ -55,30 +55,10 @@ from .cache import attention_mask
 from .config import FULL, SLIDING, DrafterConfig
 from .drafter import Drafter, PairError
 
-# Prompts the target continues to make training data (varied registers), and held-out ones for acceptance.
-TRAIN_PROMPTS = [
-    "The history of the printing press", "Once upon a time, in a small village by the sea,", "def quicksort(arr):",
-    "The main causes of the French Revolution were", "Photosynthesis is the process by which",
-    "Here is a recipe for a simple tomato soup:", "Dear hiring manager,", "The three laws of thermodynamics",
-    "In this tutorial we will learn how to", "import numpy as np\n\n", "Q: What is the capital of Australia?\nA:",
-    "The weather today", "A short poem about autumn:\n", "Breaking news:", "The best way to learn a language is",
-    "Chapter 1\n\nThe train was late again.", "SELECT name, email FROM users WHERE", "My favourite book is",
-    "To install the package, run", "The mitochondria is", "1. Preheat the oven to 180 degrees.\n2.",
-    "Abstract: We present a new method for", "The difference between a virus and a bacterium is",
-    "function add(a, b) {", "It was the best of times,", "How to change a flat tire:", "The stock market",
-    "Water boils at", "Once the meeting started, everyone", "The solar system consists of", "Monday morning,",
-    "Here are five tips for better sleep:", "class Node:\n    def __init__(self", "The Roman Empire",
-    "Customer review: I bought this blender", "Translate to French: Good morning, how are you?",
-    "The theory of evolution", "Step-by-step, the algorithm works as follows:", "Why do cats purr?",
-    "The city council announced", "Machine learning is", "<html>\n<head>\n<title>", "Dear diary, today",
-    "The ingredients you will need are", "In conclusion,", "The quick brown fox", "Newton's second law states",
-    "A list of countries in South America:", "The recipe calls for", "He opened the door and saw",
-]
-EVAL_PROMPTS = [
-    "The history of the bicycle", "Once upon a time, a young dragon", "def fibonacci(n):",
-    "The human heart has four chambers:", "Here is how to make pancakes:", "The causes of the First World War",
-    "Q: What is the largest ocean on Earth?\nA:", "for i in range(10):",
-]
+# Prompts the target continues to make training data (varied registers; none on the demo's or the held-out prompts'
+# topics), and held-out ones for acceptance.
+_PROMPTS = json.loads((Path(__file__).parent / "distill_prompts.json").read_text())
+TRAIN_PROMPTS, EVAL_PROMPTS = _PROMPTS["train"], _PROMPTS["held_out"]
 WORK_SUFFIX = ".work"
 DATA_SHARE = 0.45  # of a time budget, at most, for generating and teacher-forcing the data
 
@@ -110,7 +90,7 @@ class Options:
     resume: bool = False
     force: bool = False
 
-    ARCH = ("layers", "hidden_size", "num_centroids", "draft_steps", "samples", "max_new_tokens", "seed")
+    ARCH = ("layers", "hidden_size", "num_centroids", "draft_steps", "max_new_tokens", "seed")
     DEFAULTS = dict(layers=4, hidden_size=256, draft_steps=4, samples=256, max_new_tokens=128, seed=0)
 
 
@@ -316,14 +296,21 @@ def encode_prompts(engine, prompts: list[str]) -> list[list[int]]:
 TEMPERATURES = (0.0, 0.8, 1.0)  # generation batch b samples at TEMPERATURES[b % 3]: greedy and sampled text
 
 
+def generation_picks(n_prompts: int, b: int, size: int, seed: int) -> tuple[list[int], float]:
+    """(prompt indices, temperature) of generation batch b. Each temperature walks the shuffled prompts on its own,
+    so greedy batches repeat a prompt (and its identical greedy text) only after every prompt had its turn."""
+    order = np.random.default_rng(seed).permutation(n_prompts)
+    turn, temp = divmod(b, len(TEMPERATURES))
+    return [int(order[(turn * size + i) % n_prompts]) for i in range(size)], TEMPERATURES[temp]
+
+
 def generate_batch_sequences(engine, prompt_ids: list[list[int]], b: int, size: int, max_new: int,
                              seed: int) -> list[list[int]]:
-    """Generation batch b: `size` prompts (cycled through the shuffled list) continued by the target."""
+    """Generation batch b: `size` prompts continued by the target (`generation_picks`)."""
     from .batch import generate_batch
 
-    order = np.random.default_rng(seed).permutation(len(prompt_ids))
-    picks = [prompt_ids[order[(b * size + i) % len(order)]] for i in range(size)]
-    temp = TEMPERATURES[b % len(TEMPERATURES)]
+    idx, temp = generation_picks(len(prompt_ids), b, size, seed)
+    picks = [prompt_ids[i] for i in idx]
     results = generate_batch(engine, picks, max_tokens=max_new, temperature=temp, top_p=0.95, draft_tokens=0,
                              seed=seed * 100_003 + b)
     return [p + r.tokens for p, r in zip(picks, results)]
@@ -658,13 +645,13 @@ def init_or_resume(run: Prepared, work: Path, report: Reporter) -> tuple[Drafter
 
 def collect_data(run: Prepared, work: Path, state: dict, deadline, report: Reporter) -> list[Batch]:
     """The saved data batches, then more (generation batch by generation batch, each saved) until --samples
-    sequences or DATA_SHARE of the time budget."""
+    sequences or DATA_SHARE of the time budget (a --resume with a larger --samples generates the difference)."""
     opts, engine, gen_size = run.opts, run.engine, 32
     batches = [Batch.from_arrays(mx.load(str(work / "data" / f"batch-{i:05d}.safetensors")))
                for i in range(state["data_batches"])]
-    if state["data_done"]:
-        return batches
     total = -(-opts.samples // gen_size)
+    if state["gen_batches"] >= total:
+        return batches
     data_deadline = None if deadline is None else run.started + DATA_SHARE * (deadline - run.started)
     prompt_ids = encode_prompts(engine, run.train_prompts)
     report.phase("generating and teacher-forcing the target's text", total=total)

@@ -266,6 +266,20 @@ def test_resume_continues_from_the_checkpoint(mlx_dir, tmp_path, monkeypatch):
     result = D.distill(D.Options(target=str(target), out=str(out), time_budget=0.1, resume=True,
                                  **{k: v for k, v in opts.items() if k not in D.Options.ARCH}))
     assert result["steps"] > 30 and json.loads((out / "acceptance.json").read_text())["steps"] == result["steps"]
+    # a larger --samples on resume generates the difference, and only it
+    monkeypatch.undo()
+    tokens_before = result["training_tokens"]
+    result = D.distill(D.Options(target=str(target), out=str(out), steps=result["steps"] + 2, resume=True,
+                                 **{k: v for k, v in opts.items() if k not in D.Options.ARCH} | dict(samples=40)))
+    state = json.loads((D.work_dir(out) / "state.json").read_text())
+    assert state["gen_batches"] == 2 and result["training_tokens"] > tokens_before
+
+
+def test_greedy_batches_cover_every_prompt_before_repeating_one():
+    size, n = 32, len(D.TRAIN_PROMPTS)
+    greedy = [i for b in range(0, 3 * (n // size), 3) for i in D.generation_picks(n, b, size, seed=0)[0]]
+    assert D.generation_picks(n, 0, size, 0)[1] == 0.0 and D.generation_picks(n, 1, size, 0)[1] > 0
+    assert len(greedy) == len(set(greedy)) == size * (n // size)
 
 
 def one_line_error(result, pattern):
