@@ -15,6 +15,8 @@ window: positions 100..147 vs W = 128):
   target, its first layers + head, is no test: on these random weights it agrees with the target on every token.)
   Also the degenerate upper bound "the target as its own draft model" (acceptance 1);
 - whether each output is token-identical to plain greedy (and where it first differs), past the sliding window;
+- tokens/s as (n − 1) / (t(n) − t(1)) from whole-call wall clocks (`marginal_rate`): the systems' streams differ in
+  what is computed when a token is yielded, so no clock started at a yielded token is fair to all;
 - memory: peak RSS of each configuration (each runs in its own process, measured before anything else is loaded),
   drafter bytes / target bytes, KV-cache bytes with and without the drafter;
 - whether mlx-vlm loads the pair at all, in each layout (transformers-written HF dirs, our converted dirs, HF dirs
@@ -204,23 +206,28 @@ def build_pair(shape: str, work: Path, seed: int = 0) -> dict:
 @dataclasses.dataclass
 class Run:
     tokens: list
-    tps: float  # decode tokens/s: tokens after the first round over the time after it (prefill excluded)
+    seconds: float  # wall clock of the whole call, prefill included (rates: see `marginal_rate`)
     kv_bytes: int
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0
 
 
-def _timed(stream, n_first=None):
-    """(tokens, tokens/s) of a token stream; the clock starts when the first round has been yielded (`n_first(i, x)`
-    says whether item i ends it; default: the first item)."""
-    toks, t0, start_at = [], None, None
-    for i, tok in enumerate(stream):
-        toks.append(int(tok))
-        if t0 is None and (n_first(i) if n_first else True):
-            t0, start_at = time.perf_counter(), len(toks)
-    dt = time.perf_counter() - t0
-    return toks, (len(toks) - start_at) / dt if dt > 0 else 0.0
+def _timed(stream):
+    """(tokens, wall seconds) of a lazy token stream: the clock covers the whole call, prefill included.
+
+    Every system is timed this way because their streams differ in what has been computed when a token is yielded:
+    mlx-lm and mlx-vlm compute token i+1 before yielding token i (and on MLX's CPU backend `async_eval` blocks, so
+    that is one whole forward), ours yields a round as soon as it is verified."""
+    t0 = time.perf_counter()
+    toks = [int(tok) for tok in stream]
+    return toks, time.perf_counter() - t0
+
+
+def marginal_rate(n: int, seconds: float, first_seconds: float) -> float:
+    """Decode tokens/s from whole-call times: (n − 1) tokens in t(n) − t(1), the prefill and first token cancelled
+    by the same call with max_tokens 1."""
+    return (n - 1) / max(seconds - first_seconds, 1e-9)
 
 
 def cache_bytes(caches) -> int:
@@ -261,8 +268,9 @@ class Ours:
     def plain(self, prompt, n):
         from .run import decode
 
+        t0 = time.perf_counter()
         out, st, sess = decode(self.target, None, prompt, n, 0)
-        return Run(out, st.tokens_per_second, sess.cache.nbytes(), st.rounds)
+        return Run(out, time.perf_counter() - t0, sess.cache.nbytes(), st.rounds)
 
     def spec(self, cfg, prompt, n, reference, seed):
         from .controlled import ControlledDrafter
@@ -270,8 +278,9 @@ class Ours:
 
         drafter = self.drafter if cfg["alpha"] is None else ControlledDrafter(self.drafter, [reference], cfg["alpha"],
                                                                               seed)
+        t0 = time.perf_counter()
         out, st, sess = decode(self.target, drafter, prompt, n, cfg["k"])
-        return Run(out, st.tokens_per_second, sess.cache.nbytes(), st.rounds, st.drafted_tokens, st.accepted_tokens)
+        return Run(out, time.perf_counter() - t0, sess.cache.nbytes(), st.rounds, st.drafted_tokens, st.accepted_tokens)
 
 
 def small_draft(model, seed: int = 1):
@@ -329,9 +338,9 @@ class MlxLm:
         from mlx_lm.models.cache import make_prompt_cache
 
         cache = make_prompt_cache(self.model)
-        toks, tps = _timed(tok for tok, _ in generate_step(mx.array(prompt), self.model, max_tokens=n,
+        toks, seconds = _timed(tok for tok, _ in generate_step(mx.array(prompt), self.model, max_tokens=n,
                                                            prompt_cache=cache))
-        return Run(toks, tps, cache_bytes(cache), len(toks))
+        return Run(toks, seconds, cache_bytes(cache), len(toks))
 
     def spec(self, cfg, prompt, n, reference, seed):
         import mlx.core as mx
@@ -351,15 +360,14 @@ class MlxLm:
                 flags.append(from_draft)
                 yield tok
 
-        # a round ends with the target's own token (from_draft False): the clock starts after the first round
-        toks, tps = _timed(tokens(), lambda i: not flags[i])
+        toks, seconds = _timed(tokens())
         rounds = flags.count(False)
         drafted, emitted = 0, 0
         for i, f in enumerate(flags):  # each round drafts min(K, tokens still wanted at its start)
             if i == 0 or not flags[i - 1]:
                 drafted += min(k, n - emitted)
             emitted += 1
-        return Run(toks, tps, cache_bytes(tcache) + cache_bytes(dcache), rounds, drafted, flags.count(True))
+        return Run(toks, seconds, cache_bytes(tcache) + cache_bytes(dcache), rounds, drafted, flags.count(True))
 
 
 class MlxVlm:
@@ -385,9 +393,9 @@ class MlxVlm:
         from mlx_vlm.models.cache import make_prompt_cache
 
         cache = make_prompt_cache(self.model.language_model)
-        toks, tps = _timed(t for t, _ in generate_step(mx.array([prompt]), self.model, None, None, max_tokens=n,
+        toks, seconds = _timed(t for t, _ in generate_step(mx.array([prompt]), self.model, None, None, max_tokens=n,
                                                        temperature=0.0, prompt_cache=cache))
-        return Run(toks, tps, cache_bytes(cache), len(toks))
+        return Run(toks, seconds, cache_bytes(cache), len(toks))
 
     def spec(self, cfg, prompt, n, reference, seed):
         import mlx.core as mx
@@ -399,13 +407,13 @@ class MlxVlm:
             d.draft_block = self._forced(reference, cfg["alpha"], seed)
         cache = make_prompt_cache(self.model.language_model)
         try:
-            toks, tps = _timed(t for t, _ in generate_step(mx.array([prompt]), self.model, None, None, max_tokens=n,
+            toks, seconds = _timed(t for t, _ in generate_step(mx.array([prompt]), self.model, None, None, max_tokens=n,
                                                            temperature=0.0, prompt_cache=cache, draft_model=d,
                                                            draft_kind="mtp", draft_block_size=cfg["k"] + 1))
         finally:
             d.__dict__.pop("draft_block", None)
         accepted = [int(a) for a in d.accept_lens]
-        return Run(toks, tps, cache_bytes(cache), len(accepted), int(sum(d.draft_lens)), sum(accepted))
+        return Run(toks, seconds, cache_bytes(cache), len(accepted), int(sum(d.draft_lens)), sum(accepted))
 
     def _forced(self, reference, alpha, seed):
         """mlx-vlm's `draft_block`, then with probability alpha per position the target's greedy token: the last
@@ -472,12 +480,19 @@ def worker(job: dict) -> dict:
         ours = yard.plain(prompt, n)
         out["same_tokens_as_ours"] = ours.tokens == ref.tokens
         out["first_difference_from_ours"] = first_difference(ref.tokens, ours.tokens)
-    runs, yard_tps = [], []
+    def run(m, seed):
+        return runner.plain(prompt, m) if cfg["kind"] == "plain" else runner.spec(cfg, prompt, m, reference, seed)
+
     own_plain = cfg["kind"] == "plain" and not cross  # its own yardstick
+    t1 = statistics.median(run(1, 0).seconds for _ in range(3))  # t(1): prefill + first token
+    yard_t1 = t1 if own_plain else statistics.median(yard.plain(prompt, 1).seconds for _ in range(3))
+    out["first_token_seconds"], out["yardstick_first_token_seconds"] = t1, yard_t1
+    runs, tps, yard_tps = [], [], []
     for rep in range(job["repeats"]):
         y = None if own_plain else yard.plain(prompt, n)
-        r = runner.plain(prompt, n) if cfg["kind"] == "plain" else runner.spec(cfg, prompt, n, reference, rep + 1)
-        yard_tps.append(r.tps if own_plain else y.tps)
+        r = run(n, rep + 1)
+        tps.append(marginal_rate(len(r.tokens), r.seconds, t1))
+        yard_tps.append(tps[-1] if own_plain else marginal_rate(len(y.tokens), y.seconds, yard_t1))
         runs.append(r)
         diffs.append(first_difference(r.tokens, ref.tokens))
     out["tokens"] = first.tokens
@@ -486,12 +501,12 @@ def worker(job: dict) -> dict:
     known = [d for d in diffs if d is not None]
     out["first_difference"] = min(known) if known else None  # index into the new tokens
     out["first_difference_position"] = None if not known else len(prompt) + min(known)
-    out["tps_runs"] = [r.tps for r in runs]
+    out["tps_runs"] = tps
     out["yardstick_tps_runs"] = yard_tps
     out["yardstick"] = "ours plain" if cross else f"{NAMES[system]} plain"
     out["tps"] = statistics.median(out["tps_runs"])
     out["yardstick_tps"] = statistics.median(yard_tps)
-    out["ratio"] = statistics.median(r.tps / y for r, y in zip(runs, yard_tps))
+    out["ratio"] = statistics.median(t / y for t, y in zip(tps, yard_tps))
     rounds, drafted, accepted = (sum(getattr(r, a) for r in runs) for a in ("rounds", "drafted", "accepted"))
     out["rounds"], out["drafted"], out["accepted"] = rounds, drafted, accepted
     if cfg["kind"] != "plain":
@@ -850,7 +865,9 @@ def write(report: dict, out: Path):
         f"draft replaced by the target's greedy token with probability α); without α, the drafts' own acceptance "
         f"(random weights: about zero). mlx-lm's draft model: a {s['draft_model']['num_hidden_layers']}-layer "
         f"gemma4_text of hidden {s['draft_model']['hidden_size']} with random weights of its own (same "
-        f"vocabulary, full attention). 'vs mlx-lm plain' chains ratios each measured within one process.\n\n"
+        f"vocabulary, full attention). 'vs mlx-lm plain' chains ratios each measured within one process. tok/s "
+        f"= (n − 1) / (t(n) − t(1)) from whole-call wall clocks, t(1) the same call with max_tokens 1 (median of "
+        f"3), so every system is charged the same way for prefill and look-ahead.\n\n"
         + summarise(report) + "\n\n" + notes(report) + "Memory:\n" + memory_lines(report) + "\n\nmlx-vlm "
         f"({report['mlx_vlm']['status']}), which layouts load:\n{lay}\n\n"
         f"Quiet-machine check: load average {report['machine']['load_average_at_start'][0]:.2f} at the start, "

@@ -258,7 +258,7 @@ def main(argv=None):
     load_before = os.getloadavg()[0]
     for shape in shapes:
         t0 = time.time()
-        r, target = run_shape(shape, alphas=(0.0, 0.3, 0.5, 0.7, 0.9), ks=(1, 2, 4, 7), n_new=n_new,
+        r, target = run_shape(shape, alphas=args.alphas, ks=args.ks, n_new=n_new,
                               repeats=1 if args.quick else args.repeats, prompts=prompts[:1] if args.quick else prompts)
         results.append(r)
         print(f"{shape}: {time.time() - t0:.0f}s")

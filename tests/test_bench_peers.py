@@ -85,3 +85,29 @@ def test_mlx_vlm_ran_or_says_why(report):
     layouts = report["mlx_vlm"]["layouts"]
     assert len(layouts) == 3 and layouts[-1]["ok"] and layouts[-1]["mtp_identical"]
     assert all(x["ok"] or x["error"] for x in layouts)
+
+
+def test_marginal_rate_is_the_same_for_look_ahead_and_plain_streams():
+    """mlx-lm computes token i+1 before it yields token i; a clock started at the first yielded token would credit it
+    with one forward too many. Whole-call times with t(1) subtracted give both streams their true rate."""
+    import time
+
+    cost = 0.02
+
+    def plain(n):
+        for i in range(n):
+            time.sleep(cost)
+            yield i
+
+    def look_ahead(n):
+        time.sleep(cost)
+        for i in range(n):
+            if i + 1 < n:
+                time.sleep(cost)
+            yield i
+
+    for stream in (plain, look_ahead):
+        t1 = peers._timed(stream(1))[1]
+        toks, tn = peers._timed(stream(6))  # short, so one forward too many would be 25% off
+        assert toks == list(range(6))
+        assert peers.marginal_rate(6, tn, t1) == pytest.approx(1 / cost, rel=0.1)
