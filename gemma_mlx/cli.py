@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 from typing import Optional
 
@@ -173,6 +174,8 @@ def chat(
     draft = parse_draft(draft_tokens)
     check_sampling(temp, top_p, max_tokens)
     engine = load_engine(model, drafter)
+    # Ctrl-C stops a reply even when the parent process started us with SIGINT ignored (Python then keeps it so)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
