@@ -157,7 +157,7 @@ def generate_batch(engine, prompts, max_tokens: int = 256, temperature: float = 
 
     stops = [s for s in ([stop] if isinstance(stop, str) else stop) if s]
     decoder = BatchDecoder(engine.target, engine.drafter, SamplingParams(temperature, top_p, top_k, min_p),
-                           draft_length(0 if engine.drafter is None and draft_tokens == "auto" else draft_tokens),
+                           draft_length(engine, draft_tokens),
                            engine.eos_ids, engine.tokenizer, engine.chunk, seed)
     rows = [decoder.add(engine.encode(p), max_tokens, stops) for p in prompts]
     while decoder.rows:

@@ -27,9 +27,11 @@ class Engine:
     drafter: Optional[Drafter] = None
     chunk: int = 256
     session: Session = field(init=False)
+    auto_draft: DraftLength = field(init=False)  # K = auto learns across calls: warm-up is paid once per engine
 
     def __post_init__(self):
         self.session = Session(self.target, self.chunk)
+        self.auto_draft = DraftLength()
 
     @property
     def eos_ids(self) -> frozenset:
@@ -76,11 +78,11 @@ class Generation:
         return self.text
 
 
-def draft_length(draft_tokens) -> DraftLength:
-    """`"auto"` or a fixed K (0 = plain decoding)."""
+def draft_length(engine: Engine, draft_tokens) -> DraftLength:
+    """`"auto"` (the engine's, which keeps what it measured across calls) or a fixed K (0 = plain decoding)."""
     if draft_tokens in ("auto", None):
-        return DraftLength()
-    return DraftLength(fixed=int(draft_tokens))
+        return engine.auto_draft if engine.drafter is not None else DraftLength(fixed=0)
+    return DraftLength(fixed=int(draft_tokens))  # K > 0 without a drafter is refused where it runs
 
 
 def stream_generate(engine: Engine, prompt, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
@@ -90,7 +92,7 @@ def stream_generate(engine: Engine, prompt, max_tokens: int = 256, temperature: 
     tokens = engine.encode(prompt)
     if not reuse_cache:
         engine.session.reset()
-    draft = draft_length(0 if engine.drafter is None and draft_tokens == "auto" else draft_tokens)
+    draft = draft_length(engine, draft_tokens)
     stops = [s for s in ([stop] if isinstance(stop, str) else stop) if s]
     detok = engine.tokenizer.detokenizer
     detok.reset()

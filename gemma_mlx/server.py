@@ -124,8 +124,8 @@ class Scheduler:
             if job.seed is not None or key not in self.batches:
                 key = key if job.seed is None else (job.params, job.seed, next(self.ids))
                 engine = self.engine
-                self.batches[key] = (BatchDecoder(engine.target, engine.drafter, job.params,
-                                                  draft_length(0 if engine.drafter is None else self.draft_tokens),
+                draft = draft_length(engine, 0 if engine.drafter is None else self.draft_tokens)
+                self.batches[key] = (BatchDecoder(engine.target, engine.drafter, job.params, draft,
                                                   engine.eos_ids, engine.tokenizer, engine.chunk, job.seed), [])
             decoder, jobs = self.batches[key]
             job.row = decoder.add(job.prompt, job.max_tokens, job.stops)

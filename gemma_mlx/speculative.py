@@ -140,14 +140,24 @@ class Stats:
                     decode_seconds=self.decode_seconds)
 
 
+def shrunk(hits: np.ndarray, tries: np.ndarray, prior: float, weight: float) -> np.ndarray:
+    """Acceptance by draft position, each estimate shrunk with `weight` rounds towards the previous position's (the
+    first towards `prior`): a position seldom or never reached is taken to be like the one before it."""
+    a = np.empty(len(hits))
+    for j in range(len(hits)):
+        a[j] = prior = (hits[j] + weight * prior) / (tries[j] + weight)
+    return a
+
+
 class DraftLength:
     """Chooses K each round. Fixed, or auto: pick the K maximising expected tokens per second,
 
         E(K) / T(K),   E(K) = 1 + Σ_{j≤K} Π_{i≤j} a_i,
 
-    with a_i the (decayed) acceptance rate of draft position i given the ones before were accepted and T(K) the
-    measured round time, fitted as c0 + c1·K over the K values seen. K = 0 (plain decoding) whenever drafting does
-    not pay; then every `probe_every` rounds one K = 1 round keeps a_1 up to date.
+    with a_i the (decayed) acceptance rate of draft position i given the ones before were accepted (shrunk towards
+    a_{i-1}, a_1 towards PRIOR, while there are few rounds at i) and T(K) the measured round time, fitted as
+    c0 + c1·K over the K values seen (the first round at each K is not timed: it pays one-time costs). K = 0 (plain
+    decoding) whenever drafting does not pay; then every `probe_every` rounds one K = 1 round keeps a_1 up to date.
 
     A batch shares one K (`choose(rows, room)`): it maximises the expected tokens per second summed over the rows,
     Σ_b E_b(K) / T_B(K). E_b uses row b's own acceptance by position, shrunk (while the row has few rounds there)
@@ -158,21 +168,24 @@ class DraftLength:
     there so it gets its own fit.
     """
 
+    PRIOR = 0.6  # acceptance at the first position before any round (with the weight of one round)
     ROW_PRIOR = 4.0  # weight, in rounds, of the prior in a row's acceptance estimate at each position
 
-    def __init__(self, fixed: int | None = None, k_max: int = 7, start: int = 2, probe_every: int = 32):
+    def __init__(self, fixed: int | None = None, k_max: int = 7, start: int = 1, probe_every: int = 32):
         if fixed is not None and not 0 <= fixed <= K_MAX:
             raise ValueError(f"draft length must be in 0..{K_MAX}, got {fixed}")
         self.fixed, self.k_max, self.start, self.probe_every = fixed, k_max, start, probe_every
-        # prior: acceptance 0.6 with the weight of one round, so drafting gets tried but a drafter that is never
-        # right is given up on after a few rounds (a heavier prior kept plain decoding ~8% slower at α = 0)
-        self.hits = np.full(K_MAX, 0.6)
-        self.tries = np.full(K_MAX, 1.0)
+        # the prior weighs one round, so drafting gets tried but a drafter that is never right is given up on after
+        # a few rounds (a heavier prior kept plain decoding ~8% slower at α = 0); the warm-up drafts K = 1, the
+        # cheapest round that measures a_1
+        self.hits = np.zeros(K_MAX)
+        self.tries = np.zeros(K_MAX)
         self.time_sum: dict[int, np.ndarray] = {}  # batch size -> decayed sum of round seconds per K
         self.time_n: dict[int, np.ndarray] = {}
         self.rounds = 0
         self.plain_streak = 0
         self.explored: set[int] = set()
+        self.timed: set[tuple[int, int]] = set()
 
     def choose(self, rows: list | None = None, room: list | None = None) -> int:
         """K for the next round; `rows`: the batch rows' Stats (None: batch 1, pooled acceptance), `room`: tokens
@@ -199,18 +212,14 @@ class DraftLength:
 
     def best(self, rows: list | None = None, room: list | None = None) -> int:
         ks = np.arange(self.k_max + 1)
-        pooled = self.hits[: self.k_max] / self.tries[: self.k_max]
+        pooled = shrunk(self.hits[: self.k_max], self.tries[: self.k_max], self.PRIOR, 1.0)
         if rows is None:
             expected = 1 + np.concatenate([[0.0], np.cumsum(np.cumprod(pooled))])
         else:
             expected = np.zeros(len(ks))
             for i, stats in enumerate(rows):
-                hit = np.asarray(stats.accepted_by_position[: self.k_max], float)
-                tried = np.asarray(stats.attempted_by_position[: self.k_max], float)
-                a = np.empty(self.k_max)
-                for j in range(self.k_max):  # little data at a position: lean on the previous one (flat)
-                    prior = pooled[0] if j == 0 else a[j - 1]
-                    a[j] = (hit[j] + self.ROW_PRIOR * prior) / (tried[j] + self.ROW_PRIOR)
+                a = shrunk(np.asarray(stats.accepted_by_position[: self.k_max], float),
+                           np.asarray(stats.attempted_by_position[: self.k_max], float), pooled[0], self.ROW_PRIOR)
                 reach = np.concatenate([[1.0], np.cumprod(a)])  # P(at least j drafts accepted)
                 cap = (room[i] if room is not None else len(ks)) - 1  # the row emits at most room tokens
                 expected += np.cumsum(np.where(ks <= cap, reach, 0.0))
@@ -244,7 +253,8 @@ class DraftLength:
                 self.tries[: min(k, n + 1)] += 1 / len(rows)
                 self.hits[:n] += 1 / len(rows)
         b = len(rows)
-        if self.rounds == 1:  # the first round pays one-time costs (the drafter's first call, new shapes)
+        if (b, k) not in self.timed:  # a first round at (B, K) pays one-time costs (first calls, new shapes)
+            self.timed.add((b, k))
             return
         if b not in self.time_n:
             self.time_sum[b], self.time_n[b] = np.zeros(K_MAX + 1), np.zeros(K_MAX + 1)
