@@ -85,10 +85,11 @@ def nbytes(module) -> int:
     return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
 
 
-def decode(target, drafter, prompt, n, k):
-    """(tokens, stats) of one generation; k: an int, "auto", or 0 for plain decoding."""
+def decode(target, drafter, prompt, n, k, draft=None):
+    """(tokens, stats) of one generation; k: an int, "auto", or 0 for plain decoding. `draft`: the auto draft
+    length to use (one per configuration, kept across its runs as an engine keeps it across calls)."""
     session = Session(target)
-    draft = DraftLength() if k == "auto" else DraftLength(fixed=k)
+    draft = draft or (DraftLength() if k == "auto" else DraftLength(fixed=k))
     out, stats = [], None
     for new, stats in generate_tokens(target, drafter if k else None, session, prompt, max_tokens=n, draft=draft):
         out += new
@@ -154,6 +155,7 @@ def run_shape(shape, alphas, ks, n_new, repeats, prompts):
     configs = [(a, "auto") for a in alphas] + [(0.7, k) for k in ks]
     tps = {c: [] for c in configs}
     acc = {c: [] for c in configs}
+    auto = {c: DraftLength() for c in configs if c[1] == "auto"}  # only a configuration's first run warms up
     for rep in range(repeats):  # alternate plain and speculative runs so drift hits both
         for p_i, prompt in enumerate(prompts):
             out, st, sess = decode(target, None, prompt, n_new, 0)
@@ -163,7 +165,7 @@ def run_shape(shape, alphas, ks, n_new, repeats, prompts):
             for c in configs:
                 alpha, k = c
                 cd = ControlledDrafter(drafter, [references[p_i]], alpha, seed=rep * 100 + p_i)
-                spec_out, st, sess = decode(target, cd, prompt, n_new, k)
+                spec_out, st, sess = decode(target, cd, prompt, n_new, k, auto.get(c))
                 assert spec_out == out, f"{shape} α={alpha} K={k}: speculative output differs from plain greedy"
                 tps[c].append(st.tokens_per_second)
                 acc[c].append(st)
@@ -178,7 +180,9 @@ def run_shape(shape, alphas, ks, n_new, repeats, prompts):
         accepted = np.sum([s.accepted_by_position for s in stats], axis=0)
         per_pos = [float(a / n) for a, n in zip(accepted, attempted) if n]
         k_used = k if k != "auto" else int(round(np.mean([np.mean(s.k_history) for s in stats])))
-        speedup = statistics.median(tps[c]) / res["plain_tps"]
+        # each run against the plain run of its own repeat (same prompt, minutes apart at most): the machine's
+        # speed drifts by ±10% over minutes here, which a ratio of medians over all repeats would take in
+        speedup = statistics.median(t / p for t, p in zip(tps[c], plain_tps))
         entry = dict(alpha=alpha, k=k, speedup=speedup, tps=statistics.median(tps[c]),
                      mean_accepted_length=float(np.mean([s.mean_accepted_length for s in stats])),
                      acceptance_by_position=per_pos, mean_k=float(np.mean([np.mean(s.k_history) for s in stats])))
@@ -218,7 +222,9 @@ def plot(results, out: Path):
     for r in results:
         ks = [(e["k"], e["speedup"]) for e in r["configs"].values() if e["alpha"] == 0.7 and e["k"] != "auto"]
         axes[0].plot([k for k, _ in ks], [s for _, s in ks], marker="o", label=r["shape"])
-        auto = r["configs"]["alpha=0.7,K=auto"]
+        auto = r["configs"].get("alpha=0.7,K=auto")
+        if auto is None:
+            continue
         axes[1].plot(range(1, len(auto["acceptance_by_position"]) + 1), auto["acceptance_by_position"], marker="o",
                      label=r["shape"])
     axes[0].axhline(1.0, color="gray", lw=0.5)
@@ -252,6 +258,7 @@ def main(argv=None):
         print(f"warning: machine busy (load {os.getloadavg()[0]:.1f}); figures may be noisy")
     shapes = args.shapes[:1] if args.quick else args.shapes
     n_new = 24 if args.quick else args.tokens
+    repeats = 1 if args.quick else args.repeats
     rng = np.random.default_rng(0)
     prompts = [[2] + rng.integers(3, 30000, n).tolist() for n in (200, 40)][: args.prompts]
     results = []
@@ -259,7 +266,7 @@ def main(argv=None):
     for shape in shapes:
         t0 = time.time()
         r, target = run_shape(shape, alphas=args.alphas, ks=args.ks, n_new=n_new,
-                              repeats=1 if args.quick else args.repeats, prompts=prompts[:1] if args.quick else prompts)
+                              repeats=repeats, prompts=prompts[:1] if args.quick else prompts)
         results.append(r)
         print(f"{shape}: {time.time() - t0:.0f}s")
     report = dict(machine=f"{platform.machine()} {os.cpu_count()} cores, CPU fp32", blas=_blas.status,
@@ -271,7 +278,10 @@ def main(argv=None):
     mem = "\n".join(f"- {r['shape']}: drafter/target bytes {r['drafter_bytes'] / r['target_bytes']:.3f}, "
                     f"KV bytes plain {r['kv_bytes_plain']} vs with drafter {r['kv_bytes_spec']}" for r in results)
     text = (f"CPU figures ({report['machine']}, {report['blas']}), batch 1, greedy, medians of "
-            f"{args.repeats} alternating repeats; every speculative run asserted token-identical to plain.\n\n"
+            f"{repeats} alternating repeats (a speed-up: the median of each run's ratio to its repeat's plain "
+            "run); every speculative run asserted token-identical to plain. K auto "
+            "keeps what it measured across a configuration's runs, as an engine does across calls (the warm-up is "
+            "paid in the first run only).\n\n"
             f"{md}\n\nMemory (peak RSS {report['peak_rss_mb']:.0f} MB):\n{mem}\n\nPeers (mlx-lm, mlx-vlm): "
             "python -m bench.peers (peers.md).\n")
     (args.out / "speed.md").write_text(text)

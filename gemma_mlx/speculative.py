@@ -157,7 +157,8 @@ class DraftLength:
     with a_i the (decayed) acceptance rate of draft position i given the ones before were accepted (shrunk towards
     a_{i-1}, a_1 towards PRIOR, while there are few rounds at i) and T(K) the measured round time, fitted as
     c0 + c1·K over the K values seen (the first round at each K is not timed: it pays one-time costs). K = 0 (plain
-    decoding) whenever drafting does not pay; then every `probe_every` rounds one K = 1 round keeps a_1 up to date.
+    decoding) whenever drafting does not pay; then one round in `probe_every` is a K = 1 probe that re-measures a_1,
+    one in twice as many after each probe whose draft is rejected (up to 8x).
 
     A batch shares one K (`choose(rows, room)`): it maximises the expected tokens per second summed over the rows,
     Σ_b E_b(K) / T_B(K). E_b uses row b's own acceptance by position, shrunk (while the row has few rounds there)
@@ -184,6 +185,7 @@ class DraftLength:
         self.time_n: dict[int, np.ndarray] = {}
         self.rounds = 0
         self.plain_streak = 0
+        self.probe_gap = probe_every
         self.explored: set[int] = set()
         self.timed: set[tuple[int, int]] = set()
 
@@ -204,10 +206,13 @@ class DraftLength:
             return best - 1 if best >= 2 else best + 1
         if best == 0:
             self.plain_streak += 1
-            if self.plain_streak % self.probe_every == 0:
+            if self.plain_streak >= self.probe_gap:  # a K = 1 round to re-measure a_1; each probe whose draft
+                self.plain_streak = 0  # is rejected doubles the gap to the next (up to 8x)
+                self.probe_gap = min(2 * self.probe_gap, 8 * self.probe_every)
                 return 1
         else:
             self.plain_streak = 0
+            self.probe_gap = self.probe_every
         return best
 
     def best(self, rows: list | None = None, room: list | None = None) -> int:
@@ -252,6 +257,8 @@ class DraftLength:
             for n in rows:  # each row weighs 1/B: a round moves the estimates the same at any batch size
                 self.tries[: min(k, n + 1)] += 1 / len(rows)
                 self.hits[:n] += 1 / len(rows)
+            if rows.max() > 0:  # drafts are being accepted: probe at the first gap again
+                self.probe_gap = self.probe_every
         b = len(rows)
         if (b, k) not in self.timed:  # a first round at (B, K) pays one-time costs (first calls, new shapes)
             self.timed.add((b, k))

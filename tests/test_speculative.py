@@ -178,6 +178,22 @@ def test_auto_draft_length_waits_for_the_plain_step_time():
     assert draft.choose() == 0  # a_1 ≈ 0.2 does not pay for a K = 1 round costing 0.25 s vs 0.20 s
 
 
+def test_auto_draft_length_probes_less_often_while_probes_fail():
+    """A drafter that is never right gets one K = 1 probe in 32 rounds, then in 64, 128, 256, 256..."""
+    draft, ks = DraftLength(), []
+    for _ in range(1200):
+        k = draft.choose()
+        ks.append(k)
+        draft.update(k, 0, 0.10 + 0.05 * k)
+    probes = [i for i, k in enumerate(ks) if k and i > 8]
+    assert np.diff(probes).tolist()[:5] == [64, 128, 256, 256, 256]
+    for _ in range(600):  # the drafter turns right: probes see it, come every 32 rounds again, drafting comes back
+        k = draft.choose()
+        ks.append(k)
+        draft.update(k, k, 0.10 + 0.05 * k)
+    assert all(k > 0 for k in ks[-30:])
+
+
 class Slow:
     """A model whose calls cost `seconds` more (host time, in the round's time): fixed costs of any size."""
 
