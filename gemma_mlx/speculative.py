@@ -38,13 +38,16 @@ class Round:
 
     def __init__(self, target: Target, drafter: Drafter | None, cache: TargetCache, x: mx.array, g: mx.array,
                  k: int, params: SamplingParams, key=None):
-        self.cache, self.k, started = cache, k, time.perf_counter()
+        self.cache, self.k, self.started = cache, k, time.perf_counter()
         self.drafts = drafter.draft(x, g, cache, k) if k else mx.zeros((x.shape[0], 0), mx.int32)
         logits, self.hidden = target(mx.concatenate([x, self.drafts.astype(x.dtype)], axis=1), cache)
         self.accept, self.fallback = verify_choices(logits, self.drafts, params, key)
         mx.async_eval(self.drafts, self.accept, self.fallback, self.hidden)
         self.built_at = time.perf_counter()
-        self.build_seconds = self.built_at - started
+
+    @property
+    def build_seconds(self) -> float:
+        return self.built_at - self.started
 
     def plain_next(self):
         """With K = 0 nothing is rejected, so the next (x, g) are known lazily: the next round can be queued before
@@ -65,9 +68,8 @@ class Round:
         emitted = [drafts[b, : n[b]].tolist() + [int(fallback[b, n[b]])] for b in range(len(n))]
         next_x = mx.array([[e[-1]] for e in emitted], dtype=mx.int32)
         next_g = mx.take_along_axis(self.hidden, mx.array(n, dtype=mx.int32)[:, None, None], axis=1)
-        started = self.built_at - self.build_seconds
-        since = started if since is None else since
-        own_build = self.build_seconds if started < since else 0.0  # queued: built inside the previous round's time
+        since = self.started if since is None else since
+        own_build = self.build_seconds if self.started < since else 0.0  # queued: built in the previous round's time
         seconds = max(time.perf_counter() - since - other_builds + own_build, 0.0)
         return RoundResult(emitted, self.k, seconds), next_x, next_g
 
