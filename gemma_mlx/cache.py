@@ -37,17 +37,19 @@ class LayerCache:
     def batch(self) -> int:
         return len(self.lengths)
 
-    def slots(self, lengths: np.ndarray | None = None) -> int:
-        """Slots worth reading: the whole ring, or the used prefix of the linear buffer."""
+    def slots(self, lengths: np.ndarray | None = None, whole: bool = False) -> int:
+        """Slots worth reading: the whole ring, or the used prefix of the linear buffer (`whole`: all of it)."""
         lengths = self.lengths if lengths is None else lengths
+        if whole and self.keys is not None:
+            return self.keys.shape[2]
         return self.ring_capacity if self.is_ring else int(lengths.max())
 
-    def positions(self, lengths: np.ndarray | None = None) -> np.ndarray:
+    def positions(self, lengths: np.ndarray | None = None, whole: bool = False) -> np.ndarray:
         """Position held by each readable slot, per row: int [B, slots], -1 for empty slots (for the given row
-        lengths, by default the current ones)."""
+        lengths, by default the current ones; `whole`: every allocated slot, as `view(whole=True)` reads)."""
         lengths = self.lengths if lengths is None else lengths
         last = lengths[:, None] - 1
-        j = np.arange(self.slots(lengths))[None, :]
+        j = np.arange(self.slots(lengths, whole))[None, :]
         if self.is_ring:
             pos = last - (last - j) % self.ring_capacity
             return np.where(pos >= 0, pos, -1)
@@ -66,9 +68,10 @@ class LayerCache:
         self.values = _put_slots(self.values, slots, values)
         self.lengths = self.lengths + T
 
-    def view(self) -> tuple[mx.array, mx.array]:
-        """The readable K/V, in place: the ring itself or a prefix slice of the linear buffer (no copy)."""
-        if self.is_ring:
+    def view(self, whole: bool = False) -> tuple[mx.array, mx.array]:
+        """The readable K/V, in place: the ring itself or a prefix slice of the linear buffer (no copy). `whole`:
+        all allocated slots, a shape that changes only every GROW_STEP positions (the drafter's compiled steps)."""
+        if self.is_ring or whole:
             return self.keys, self.values
         n = self.slots()
         return self.keys[..., :n, :], self.values[..., :n, :]

@@ -4,9 +4,15 @@ It owns no K/V projections and no cache: every layer attends to the target's cac
 its type, read in place (§4). One round drafts K tokens from a single position: the query always sits at position
 p = L−1 (§2.6, pitfall 5), the first input is [E_target[x]·√H, target final-norm hidden at L−2] (§2.3), and each
 next step feeds back the drafter's own projected hidden state and its greedy token.
+
+The K steps of a round are one compiled function per K (`mx.compile`: elementwise ops fused, the graph traced once),
+reading whole cache buffers, whose shapes change only when a linear buffer grows, so a trace is reused for
+GROW_STEP positions; the masks hide the slots not yet written.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -56,15 +62,16 @@ class Drafter(nn.Module):
         if cfg.use_ordered_embeddings:
             self.masked_embedding = MaskedEmbedding(cfg)
 
-    def step(self, x: mx.array, g: mx.array, offset: mx.array, cache: TargetCache, masks: dict):
-        """One drafter call: x [B, 1] token at position `offset`, g [B, 1, H] -> (h_n [B, d], g' [B, 1, H])."""
-        return self.forward(mx.concatenate([self._target.model.embed(x), g], axis=-1), offset, cache, masks)
+    def step(self, x: mx.array, g: mx.array, offset: mx.array, kv: dict, masks: dict):
+        """One drafter call: x [B, 1] token at position `offset`, g [B, 1, H] -> (h_n [B, d], g' [B, 1, H]).
+        `kv` and `masks`: what `reads(cache)` and `masks(cache)` return."""
+        return self.forward(mx.concatenate([self._target.model.embed(x), g], axis=-1), offset, kv, masks)
 
-    def forward(self, u: mx.array, offset: mx.array, cache: TargetCache, masks: dict):
+    def forward(self, u: mx.array, offset: mx.array, kv: dict, masks: dict):
         """The assistant forward (§2.3) from its input u = [E_target[x]·√H, g] ([B, 1, 2H])."""
         h = self.pre_projection(u)
         for layer in self.model.layers:
-            h = layer(h, offset, cache.producer(layer.layer_type), masks[layer.layer_type])
+            h = layer(h, offset, _Read(*kv[layer.layer_type]), masks[layer.layer_type])
         h = self.model.norm(h)
         return h[:, 0], self.post_projection(h)
 
@@ -87,33 +94,50 @@ class Drafter(nn.Module):
     def draft(self, x: mx.array, g: mx.array, cache: TargetCache, k: int) -> mx.array:
         """K greedy drafts [B, K] after token x [B, 1] (not yet in the cache), from g = the target's final-norm
         hidden at the position before x. Lazy: nothing is evaluated, so drafting and verification form one graph."""
-        masks = self.masks(cache)
+        if k == 0:
+            return mx.zeros((x.shape[0], 0), mx.int32)
         offset = mx.array(cache.lengths, dtype=mx.int32)  # p = L−1 for every step of the round
+        return self._compiled_steps(k)(x, g, offset, self.reads(cache), self.masks(cache))
+
+    def _steps(self, k: int, x: mx.array, g: mx.array, offset: mx.array, kv: dict, masks: dict) -> mx.array:
         drafts = []
         for _ in range(k):
-            h, g = self.step(x, g, offset, cache, masks)
-            x = self.greedy(h)[:, None]
+            h, g = self.step(x, g, offset, kv, masks)
+            x = self.greedy(h)[:, None].astype(mx.int32)
             drafts.append(x)
-        return mx.concatenate(drafts, axis=1) if drafts else mx.zeros((x.shape[0], 0), mx.int32)
+        return mx.concatenate(drafts, axis=1)
+
+    def _compiled_steps(self, k: int):
+        """`_steps` for this K, compiled once; the weights (the drafter's and the target's embedding) are read
+        at each call, so a drafter being trained or reloaded is never stale."""
+        if k not in self._compiled:
+            state = [self, self._target.model.embed_tokens]  # the modules themselves: updates are seen
+            self._compiled[k] = mx.compile(partial(self._steps, k), inputs=state)
+        return self._compiled[k]
+
+    def reads(self, cache: TargetCache) -> dict:
+        """K/V each drafter layer type attends to: the target's last producer of that type, whole buffers, in
+        place."""
+        return {t: cache.producer(t).view(whole=True) for t in self.layer_types}
 
     def masks(self, cache: TargetCache) -> dict:
-        """Clean view of the accepted prefix (§2.6): full layers see positions ≤ L−2 (the whole valid cache),
-        sliding layers the W+1 newest of them (§2.4: one more than the target's own window)."""
+        """Clean view of the accepted prefix (§2.6) over the slots `reads` gives: full layers see positions ≤ L−2
+        (the whole valid cache), sliding layers the W+1 newest of them (§2.4: one more than the target's own
+        window)."""
         last = cache.lengths - 1  # position L−2 of each row
-        masks = {}
-        for t in {layer.layer_type for layer in self.model.layers}:
-            c = cache.producer(t)
-            if t == FULL and (cache.lengths == cache.lengths[0]).all():
-                masks[t] = None
-            else:
-                window = self.config.text.sliding_window + 1 if t == SLIDING else None
-                masks[t] = attention_mask(last, 1, c.positions(), window)
-        return masks
+        window = {SLIDING: self.config.text.sliding_window + 1, FULL: None}
+        return {t: attention_mask(last, 1, cache.producer(t).positions(whole=True), window[t])
+                for t in self.layer_types}
+
+    @property
+    def layer_types(self) -> set:
+        return {layer.layer_type for layer in self.model.layers}
 
     def bind(self, target: Target) -> "Drafter":
         """Attach the target whose embedding and cache this drafter reads (kept out of the parameter tree)."""
         check_pair(target, self)
         object.__setattr__(self, "_target", target)
+        object.__setattr__(self, "_compiled", {})
         return self
 
     def sanitize(self, weights: dict) -> dict:
@@ -123,6 +147,17 @@ class Drafter(nn.Module):
     @classmethod
     def from_config_dict(cls, raw: dict) -> "Drafter":
         return cls(DrafterConfig.from_dict(raw))
+
+
+class _Read:
+    """Target K/V handed to a drafter layer in the place of a cache (drafter layers are consumers: they only
+    read)."""
+
+    def __init__(self, keys: mx.array, values: mx.array):
+        self.keys, self.values = keys, values
+
+    def view(self) -> tuple[mx.array, mx.array]:
+        return self.keys, self.values
 
 
 class PairError(ValueError):

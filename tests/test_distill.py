@@ -166,7 +166,7 @@ def test_transformers_runs_the_saved_checkpoint_with_our_logits(gemma4, hf_dir, 
     ref_logits, ref_g = hf_drafter_call(out, u, L - 1, kv)
     cache = target.make_cache(1, chunk=32)
     target.prefill(mx.array([ids[:-1]]), cache)
-    h, g = drafter.forward(mx.array(u)[None, None], mx.array(cache.lengths, dtype=mx.int32), cache,
+    h, g = drafter.forward(mx.array(u)[None, None], mx.array(cache.lengths, dtype=mx.int32), drafter.reads(cache),
                            drafter.masks(cache))
     np.testing.assert_allclose(np.array(g[0, 0]), ref_g, atol=1e-4)
     ours = np.array(drafter.full_logits(h)[0])
@@ -193,7 +193,7 @@ def test_training_forward_is_the_runtime_drafters_computation(mlx_target):
         masks, offset = drafter.masks(cache), mx.array(cache.lengths, dtype=mx.int32)
         g = batch.hidden[:, p - 1 : p]
         for j in range(K):
-            h, g = drafter.step(mx.array([[seq[p + j]]]), g, offset, cache, masks)
+            h, g = drafter.step(mx.array([[seq[p + j]]]), g, offset, drafter.reads(cache), masks)
             np.testing.assert_allclose(np.array(h[0]), np.array(steps[j][0, p - 1]), atol=1e-4,
                                        err_msg=f"start {p}, step {j + 1}")
         drafts = drafter.draft(mx.array([[seq[p]]]), batch.hidden[:, p - 1 : p], cache, K)[0].tolist()

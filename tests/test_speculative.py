@@ -62,18 +62,23 @@ def test_drafter_matches_transformers_on_replayed_kv(variant, ordered, pair, hf_
     _, hidden = hf_forward(hf_dir(variant), ids[:-1])
     u = np.concatenate([hf_embed_scaled(hf_dir(variant), ids[-1]), hidden[-1]])[None, None]
     cache = _replay_cache(kv)
-    masks = drafter.masks(cache)
+    reads, masks = drafter.reads(cache), drafter.masks(cache)
     p = len(ids) - 1
+    chain = []
     for step in range(3):
         ref_logits, ref_hidden = hf_drafter_call(hf_drafter_dir(variant, ordered), u, p, kv)
-        h, g = drafter.forward(mx.array(u.astype(np.float32)), mx.array([p]), cache, masks)
+        h, g = drafter.forward(mx.array(u.astype(np.float32)), mx.array([p]), reads, masks)
         logits = np.array(drafter.full_logits(h))[0]
         assert np.abs(logits - ref_logits).max() < 1e-4
         assert logits.argmax() == ref_logits.argmax()
         assert np.abs(np.array(g)[0, 0] - ref_hidden).max() < 1e-4
         assert int(np.array(drafter.greedy(h))[0]) == int(ref_logits.argmax())
         nxt = int(ref_logits.argmax())
+        chain.append(nxt)
         u = np.concatenate([hf_embed_scaled(hf_dir(variant), nxt), ref_hidden])[None, None]
+    # the compiled K-step draft of a round gives HF's chain of greedy tokens
+    drafts = drafter.draft(mx.array([[ids[-1]]]), mx.array(hidden[-1][None, None].astype(np.float32)), cache, 3)
+    assert np.array(drafts)[0].tolist() == chain
 
 
 class _ReplayCache:
@@ -95,6 +100,38 @@ class _ReplayCache:
 def _replay_cache(kv):
     assert set(kv) == {FULL, SLIDING}
     return _ReplayCache(kv)
+
+
+def test_compiled_draft_follows_cache_growth_and_weight_updates(pair):
+    """The K steps of a round are compiled (drafter.py): they must stay equal to the same steps run eagerly when the
+    full layers' linear buffer grows (a new shape: a new trace) and when the weights change after the first call."""
+    target, drafter = pair("plain", False)
+    session = Session(target, chunk=64)
+    ids = [2] + np.random.default_rng(7).integers(3, 500, 262).tolist()
+
+    def drafts(n, k=3):
+        """(compiled, eager) drafts for x = ids[n] once ids[:n] are cached."""
+        _, g, _ = session.prefill(ids[:n])
+        x, cache = mx.array([[ids[n]]]), session.cache
+        eager = drafter._steps(k, x, g, mx.array(cache.lengths, dtype=mx.int32), drafter.reads(cache),
+                               drafter.masks(cache))
+        return np.array(drafter.draft(x, g, cache, k)).tolist(), np.array(eager).tolist()
+
+    sizes = set()
+    for n in range(250, 259):  # the full layers' buffer grows past GROW_STEP = 256 cached positions
+        compiled, eager = drafts(n)
+        assert compiled == eager, n
+        sizes.add(session.cache.producer(FULL).keys.shape[2])
+    assert sizes == {256, 512}
+    head = drafter.model.embed_tokens.weight
+    try:
+        drafter.model.embed_tokens.weight = -head  # argmax becomes argmin: the first draft changes
+        flipped, eager = drafts(258)
+        assert flipped == eager
+        drafter.model.embed_tokens.weight = head
+        assert drafts(258)[0][0][0] != flipped[0][0]
+    finally:
+        drafter.model.embed_tokens.weight = head
 
 
 def test_drafter_allocates_no_kv_memory(pair):
