@@ -59,6 +59,7 @@ import numpy as np
 
 from gemma_mlx import _blas
 
+from .quiet import busy_seconds, own_cpu, wait_quiet
 from .run import COMMON, SHAPES, drafter_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -567,42 +568,6 @@ def _why(target: str, entry: dict) -> str | None:
 # --- the orchestration ------------------------------------------------------------------------------------------
 
 
-def _busy_seconds() -> float | None:
-    """CPU seconds all processors spent busy since boot (None where /proc/stat is missing)."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:9]]
-    except OSError:
-        return None
-    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu(children: bool) -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def others_now(seconds: float = 2.0) -> float | None:
-    """Cores other processes use right now (this process idles meanwhile); None without /proc/stat."""
-    b0, o0, t0 = _busy_seconds(), _own_cpu(False), time.time()
-    if b0 is None:
-        return None
-    time.sleep(seconds)
-    return max(0.0, (_busy_seconds() - b0) - (_own_cpu(False) - o0)) / (time.time() - t0)
-
-
-def wait_quiet(busy_cores: float, max_wait: float) -> float:
-    """Wait (at most max_wait s) until other processes use at most busy_cores (the load average where /proc/stat is
-    missing, below 1 + busy_cores); returns the seconds waited."""
-    t0 = time.time()
-    while time.time() - t0 < max_wait:
-        others = others_now()
-        if (others if others is not None else os.getloadavg()[0] - 1) <= busy_cores:
-            break
-        time.sleep(min(8.0, max(0.0, max_wait - (time.time() - t0))))
-    return time.time() - t0
-
-
 def subprocess_result(python: str, job: dict, args):
     """A worker's result from a fresh process; on a crash, {"error": its last stderr line, "stderr_tail": ...}."""
     proc = subprocess.run([python, "-m", MODULE, "--worker", json.dumps(job)], cwd=ROOT, capture_output=True,
@@ -622,7 +587,7 @@ def run_job(job: dict, python: str | None, args) -> dict:
         budget = args.wait_budget - args.waited
         waited = wait_quiet(args.busy_cores, min(args.max_wait, budget)) if min(args.max_wait, budget) > 0 else 0.0
         args.waited += waited
-        load_before, busy0, own0, t0 = os.getloadavg()[0], _busy_seconds(), _own_cpu(python is not None), time.time()
+        load_before, busy0, own0, t0 = os.getloadavg()[0], busy_seconds(), own_cpu(python is not None), time.time()
         if python is None:
             res = worker(job)
         else:
@@ -630,7 +595,7 @@ def run_job(job: dict, python: str | None, args) -> dict:
             if "error" in res:
                 res.update(system=job["system"], label=job["label"], config=job["config"])
         wall = time.time() - t0
-        busy1, own1 = _busy_seconds(), _own_cpu(python is not None)
+        busy1, own1 = busy_seconds(), own_cpu(python is not None)
         others = None if busy0 is None else max(0.0, (busy1 - busy0) - (own1 - own0)) / wall
         res["machine"] = dict(load_before=load_before, load_after=os.getloadavg()[0], waited_seconds=waited,
                               other_processes_cores=others, seconds=wall, attempt=attempt + 1,
