@@ -59,7 +59,7 @@ import numpy as np
 
 from gemma_mlx import _blas
 
-from .quiet import busy_seconds, own_cpu, wait_quiet
+from .quiet import mark, others_since, wait_quiet
 from .run import COMMON, SHAPES, drafter_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -587,16 +587,14 @@ def run_job(job: dict, python: str | None, args) -> dict:
         budget = args.wait_budget - args.waited
         waited = wait_quiet(args.busy_cores, min(args.max_wait, budget)) if min(args.max_wait, budget) > 0 else 0.0
         args.waited += waited
-        load_before, busy0, own0, t0 = os.getloadavg()[0], busy_seconds(), own_cpu(python is not None), time.time()
+        load_before, start = os.getloadavg()[0], mark(python is not None)
         if python is None:
             res = worker(job)
         else:
             res = subprocess_result(python, job, args)
             if "error" in res:
                 res.update(system=job["system"], label=job["label"], config=job["config"])
-        wall = time.time() - t0
-        busy1, own1 = busy_seconds(), own_cpu(python is not None)
-        others = None if busy0 is None else max(0.0, (busy1 - busy0) - (own1 - own0)) / wall
+        wall, others = time.time() - start[2], others_since(start)
         res["machine"] = dict(load_before=load_before, load_after=os.getloadavg()[0], waited_seconds=waited,
                               other_processes_cores=others, seconds=wall, attempt=attempt + 1,
                               busy=others is not None and others > args.busy_cores)

@@ -21,13 +21,27 @@ def own_cpu(children: bool) -> float:
     return r.ru_utime + r.ru_stime
 
 
+def mark(children: bool = False) -> tuple:
+    """The start of an interval for `others_since` (`children`: this process's work runs in child processes)."""
+    return busy_seconds(), own_cpu(children), time.time(), children
+
+
+def others_since(start: tuple) -> float | None:
+    """Cores other processes used on average since `mark()`: all busy CPU time less this process's own (or its
+    children's); None without /proc/stat."""
+    busy0, own0, t0, children = start
+    if busy0 is None:
+        return None
+    return max(0.0, (busy_seconds() - busy0) - (own_cpu(children) - own0)) / (time.time() - t0)
+
+
 def others_now(seconds: float = 2.0) -> float | None:
     """Cores other processes use right now (this process idles meanwhile); None without /proc/stat."""
-    b0, o0, t0 = busy_seconds(), own_cpu(False), time.time()
-    if b0 is None:
+    start = mark()
+    if start[0] is None:
         return None
     time.sleep(seconds)
-    return max(0.0, (busy_seconds() - b0) - (own_cpu(False) - o0)) / (time.time() - t0)
+    return others_since(start)
 
 
 def wait_quiet(busy_cores: float, max_wait: float) -> float:

@@ -34,7 +34,7 @@ from gemma_mlx.speculative import DraftLength, Session, generate_tokens
 from gemma_mlx.target import Target
 
 from .controlled import ControlledDrafter
-from .quiet import busy_seconds, own_cpu, wait_quiet
+from .quiet import mark, others_since, wait_quiet
 
 S, F = "sliding_attention", "full_attention"
 SHAPES = {
@@ -174,10 +174,9 @@ def run_shape(shape, alphas, ks, n_new, repeats, prompts, busy_cores=0.3, reruns
     auto = {c: DraftLength() for c in configs if c[1] == "auto"}  # only a configuration's first run warms up
     for rep in range(repeats):
         for attempt in range(1 + reruns):
-            busy0, own0, t0 = busy_seconds(), own_cpu(False), time.time()
+            start = mark()
             measured = one_repeat(shape, target, drafter, configs, auto, prompts, n_new, rep, res)
-            others = None if busy0 is None else \
-                max(0.0, (busy_seconds() - busy0) - (own_cpu(False) - own0)) / (time.time() - t0)
+            others = others_since(start)
             if others is None or others <= busy_cores or attempt == reruns:
                 break
             print(f"  {shape} repeat {rep + 1}: other processes used {others:.2f} cores, rerunning", flush=True)

@@ -3,7 +3,7 @@ if it still is after the reruns."""
 
 import numpy as np
 
-from bench import run
+from bench import quiet, run
 
 
 def test_a_repeat_on_a_busy_machine_is_rerun(monkeypatch):
@@ -19,9 +19,9 @@ def test_a_repeat_on_a_busy_machine_is_rerun(monkeypatch):
     monkeypatch.setattr(run, "build", lambda shape: (object(), object()))
     monkeypatch.setattr(run, "nbytes", lambda m: 1)
     monkeypatch.setattr(run, "one_repeat", fake_repeat)
-    monkeypatch.setattr(run, "busy_seconds", lambda: clock["busy"])
-    monkeypatch.setattr(run, "own_cpu", lambda children: 0.0)
-    monkeypatch.setattr(run.time, "time", lambda: clock["t"])
+    monkeypatch.setattr(quiet, "busy_seconds", lambda: clock["busy"])
+    monkeypatch.setattr(quiet, "own_cpu", lambda children: 0.0)
+    monkeypatch.setattr(quiet.time, "time", lambda: clock["t"])
     monkeypatch.setattr(run, "step_costs", lambda *a, **k: {"plain": 1.0})
     res, _ = run.run_shape("x", alphas=[], ks=[], n_new=4, repeats=2, prompts=[[2, 3]], busy_cores=0.3, reruns=2)
     assert np.allclose(res["other_processes_cores"], [0.1, 1.5])
