@@ -1,8 +1,8 @@
 """gemma-mlx: Gemma 4 on MLX with its Multi-Token-Prediction drafters, for lossless speculative decoding."""
 
-from ._blas import preload_openblas
+from ._blas import preload_blas
 
-preload_openblas()  # before anything imports mlx.core
+preload_blas()  # before anything imports mlx.core
 
 from .batch import generate_batch  # noqa: E402
 from .generate import Engine, Generation, LoadError, PairError, Piece, generate, load, stream_generate  # noqa: E402

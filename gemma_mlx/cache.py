@@ -9,13 +9,18 @@ function of the row's length, so:
 - rollback of rejected drafts is `length -= n`: stale slots map to positions outside every window (§4.3).
 
 A ring of capacity `W + chunk` serves target queries (positions q-W < p <= q) and the drafter (the W+1 newest
-accepted positions, §2.4) as long as one forward writes at most `chunk` tokens and `chunk >= K_max + 1`.
+accepted positions, §2.4) as long as one forward writes at most `chunk` tokens and `chunk >= K_max + 1`. The slots
+beyond the window are what rollback (and a chat turn that rewrites the end of the conversation) goes back to; a
+target forward reads only the slice of slots its queries can see (`TargetCache.reads`), the whole ring only when
+that slice would wrap around the ring's end.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
+
+from typing import NamedTuple
 
 from .config import FULL, TextConfig
 
@@ -76,6 +81,20 @@ class LayerCache:
         n = self.slots()
         return self.keys[..., :n, :], self.values[..., :n, :]
 
+    def span(self, start: np.ndarray, T: int) -> slice:
+        """The slots a T-token forward from row lengths `start` can see: one slice holding every row's keys (the
+        used prefix of a linear buffer; on a ring the window of each row, unless one wraps around the ring's end:
+        then the whole ring)."""
+        after = start + T
+        if not self.is_ring:
+            return slice(0, int(after.max()))
+        first = np.maximum(start - self.window + 1, 0)  # the oldest position the first query sees
+        lo = first % self.ring_capacity
+        hi = lo + (after - first)
+        if (hi > self.ring_capacity).any():
+            return slice(0, self.ring_capacity)
+        return slice(int(lo.min()), int(hi.max()))
+
     def rollback(self, n):
         """Forget the last n positions of each row (n: int or one int per row)."""
         n = np.broadcast_to(np.asarray(n, dtype=np.int64), self.lengths.shape)
@@ -127,6 +146,27 @@ class LayerCache:
         self.keys = mx.concatenate([_pad_slots(self.keys, size), _pad_slots(other.keys, size)])
         self.values = mx.concatenate([_pad_slots(self.values, size), _pad_slots(other.values, size)])
         self.lengths = np.concatenate([self.lengths, other.lengths])
+
+
+class Span:
+    """One layer's cache as a forward sees it: writes go to the cache, `view()` reads only the slots in `slots`."""
+
+    def __init__(self, cache: LayerCache, slots: slice):
+        self.cache, self.slots = cache, slots
+
+    def write(self, keys: mx.array, values: mx.array):
+        self.cache.write(keys, values)
+
+    def view(self) -> tuple[mx.array, mx.array]:
+        return self.cache.keys[..., self.slots, :], self.cache.values[..., self.slots, :]
+
+
+class Reads(NamedTuple):
+    """What the queries of one forward read in the caches of one layer type: a slice of slots, and the mask over
+    them (None: every query sees every slot of the slice)."""
+
+    slots: slice
+    mask: mx.array | None
 
 
 def _pad_slots(a: mx.array, size: int) -> mx.array:
@@ -184,6 +224,15 @@ class TargetCache:
         for c, o in zip(self.layers, other.layers):
             c.extend_rows(o)
 
+    def reads(self, layer_type: str, start: np.ndarray, T: int) -> Reads:
+        """The slots and mask for a T-token forward from row lengths `start` (taken before it writes), for the
+        layers of this type (they all share the producer's lengths and geometry). A decode step on a sliding
+        layer reads its W newest slots, unmasked, not the whole ring."""
+        c = self.producer(layer_type)
+        slots = c.span(start, T)
+        ok = visible(start, T, c.positions(start + T)[:, slots], c.window if c.is_ring else None)
+        return Reads(slots, None if ok.all() else mx.array(ok[:, None]))
+
     def producer(self, layer_type: str) -> LayerCache:
         """The cache the drafter reads for a layer type (the last producer of that type)."""
         return self.layers[self.config.producer_for(layer_type)]
@@ -195,11 +244,16 @@ class TargetCache:
         return [a for c in self.layers if c.keys is not None for a in (c.keys, c.values)]
 
 
-def attention_mask(query_start: np.ndarray, T: int, key_pos: np.ndarray, window: int | None) -> mx.array:
-    """Boolean [B, 1, T, S]: query at position q sees keys at 0 <= p <= q (and p > q - window when sliding)."""
+def visible(query_start: np.ndarray, T: int, key_pos: np.ndarray, window: int | None) -> np.ndarray:
+    """Boolean [B, T, S]: query at position q sees keys at 0 <= p <= q (and p > q - window when sliding)."""
     q = query_start[:, None, None] + np.arange(T)[None, :, None]
     k = key_pos[:, None, :]
     ok = (k >= 0) & (k <= q)
     if window is not None:
         ok &= k > q - window
-    return mx.array(ok[:, None])
+    return ok
+
+
+def attention_mask(query_start: np.ndarray, T: int, key_pos: np.ndarray, window: int | None) -> mx.array:
+    """`visible` as MLX's attention mask, [B, 1, T, S]."""
+    return mx.array(visible(query_start, T, key_pos, window)[:, None])

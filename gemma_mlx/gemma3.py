@@ -20,9 +20,8 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
-from .cache import TargetCache, attention_mask
+from .cache import Span, TargetCache
 from .config import FULL, SLIDING, ConfigError
 from .target import MLP, CausalLM
 
@@ -267,19 +266,12 @@ class Gemma3TextModel(nn.Module):
         T = tokens.shape[1]
         start = cache.lengths.copy()
         offset = mx.array(start, dtype=mx.int32)
-        masks = {t: self._mask(cache, t, start, T) for t in set(self.cfg.layer_types)}
+        reads = {t: cache.reads(t, start, T) for t in set(self.cfg.layer_types)}
         h = self.embed(tokens)
         for i, layer in enumerate(self.layers):
-            h = layer(h, offset, cache.layers[i], masks[layer.layer_type])
+            slots, mask = reads[layer.layer_type]
+            h = layer(h, offset, Span(cache.layers[i], slots), mask)
         return self.norm(h)
-
-    @staticmethod
-    def _mask(cache: TargetCache, layer_type: str, start: np.ndarray, T: int):
-        after = start + T
-        if layer_type == FULL and T == 1 and (after == after[0]).all():
-            return None  # one query per row at the end of an equally long linear buffer: everything is visible
-        window = cache.window if layer_type == SLIDING else None
-        return attention_mask(start, T, cache.producer(layer_type).positions(after), window)
 
 
 class Gemma3Target(CausalLM):

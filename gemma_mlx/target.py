@@ -11,11 +11,10 @@ import math
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx_lm.models.gemma4_text import Router
 
-from .cache import TargetCache, attention_mask
-from .config import FULL, SLIDING, ConfigError, TextConfig, text_config_of
+from .cache import Span, TargetCache
+from .config import FULL, ConfigError, TextConfig, text_config_of
 from .moe import Experts
 
 
@@ -167,21 +166,14 @@ class Gemma4TextModel(nn.Module):
         B, T = tokens.shape
         start = cache.lengths.copy()
         offset = mx.array(start, dtype=mx.int32)
-        masks = {t: self._mask(cache, t, start, T) for t in (SLIDING, FULL) if t in cfg.layer_types}
+        reads = {t: cache.reads(t, start, T) for t in set(cfg.layer_types)}
         h = self.embed(tokens)
         ple = self.per_layer_inputs(tokens, h) if cfg.hidden_size_per_layer_input else None
         for i, layer in enumerate(self.layers):
-            c = cache.layers[cfg.kv_source(i)]
-            h = layer(h, offset, c, masks[layer.layer_type], None if ple is None else ple[:, :, i, :])
+            slots, mask = reads[layer.layer_type]
+            c = Span(cache.layers[cfg.kv_source(i)], slots)
+            h = layer(h, offset, c, mask, None if ple is None else ple[:, :, i, :])
         return self.norm(h)
-
-    def _mask(self, cache: TargetCache, layer_type: str, start: np.ndarray, T: int):
-        c = cache.producer(layer_type)
-        after = start + T
-        if layer_type == FULL and T == 1 and (after == after[0]).all():
-            return None  # one query per row at the end of an equally long linear buffer: everything is visible
-        window = cache.window if layer_type == SLIDING else None
-        return attention_mask(start, T, c.positions(after), window)
 
 
 class CausalLM(nn.Module):

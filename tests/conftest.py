@@ -3,6 +3,7 @@ and the loaded MLX models, each built lazily on first use and at most once per s
 
 tests/ has no __init__.py: it is put on sys.path here so test modules can `from oracle import ...`."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -11,7 +12,13 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-import gemma_mlx  # noqa: E402,F401  (OpenBLAS before anything imports mlx.core)
+# The oracle's 1e-4 bounds our arithmetic against transformers'. MKL (the `mkl` extra, which the test extra installs)
+# rounds the tiny test models' small matmuls more coarsely than OpenBLAS: one test target's logits land 1.3e-4 from
+# transformers there, 9e-5 from fp64 (3.6e-5 on OpenBLAS; README "Which BLAS"). So the tests, and the processes they
+# start, run on OpenBLAS; tests/test_blas.py runs MKL in processes of its own.
+os.environ.setdefault("GEMMA_MLX_BLAS", "openblas")
+
+import gemma_mlx  # noqa: E402,F401  (the BLAS before anything imports mlx.core)
 
 
 @pytest.fixture(scope="session")

@@ -103,3 +103,44 @@ def test_ring_rejects_a_forward_larger_than_its_capacity():
     c = LayerCache(batch=1, ring_capacity=10, window=8)
     with pytest.raises(ValueError):
         c.write(*_kv(1, 11, c.lengths))
+
+
+def test_a_forward_reads_only_the_slots_its_queries_see():
+    """`TargetCache.reads`: every key a query may see is in the slice, with the right mask; a decode step on a
+    sliding layer reads its W newest slots unmasked unless they wrap around the ring's end (then the whole ring)."""
+    from types import SimpleNamespace
+
+    from gemma_mlx.cache import Span, TargetCache
+
+    W, chunk = 8, 4
+    cfg = SimpleNamespace(sliding_window=W, first_shared_layer=2, layer_types=["sliding_attention", "full_attention"],
+                          producer_for=lambda t: 0 if t == "sliding_attention" else 1)
+    for B, steps in ((1, [3, 1, 4, 1, 1, 2, 1, 1, 1, 3, 1, 1, 1, 1, 4, 1, 1, 1]), (2, [3, 1, 2, 1, 1, 4, 1, 1, 1])):
+        cache = TargetCache(cfg, batch=B, chunk=chunk)
+        if B == 2:  # rows of different lengths: the second row starts 3 positions later
+            for c in cache.layers:
+                c.write(*_kv(B, 3, c.lengths))
+                c.lengths[0] = 0
+        wrapped = 0
+        for T in steps:
+            start = cache.lengths.copy()
+            for c in cache.layers:
+                c.write(*_kv(B, T, c.lengths))
+            for t, c in (("sliding_attention", cache.layers[0]), ("full_attention", cache.layers[1])):
+                slots, mask = cache.reads(t, start, T)
+                window = W if t == "sliding_attention" else None
+                whole = attention_mask(start, T, c.positions(), window)  # what reading every slot would see
+                pos = c.positions()[:, slots]
+                seen = np.array(whole)[..., slots] if mask is None else np.array(mask)
+                if mask is None:
+                    assert np.array(whole)[..., slots].all()
+                # the slice holds every visible slot, and the mask sees the same keys as over the whole buffer
+                assert np.array(whole).sum() == np.array(whole)[..., slots].sum() == seen.sum()
+                keys, _ = Span(c, slots).view()
+                held = np.array(keys[:, 0, :, 0]) % 1000
+                assert ((held == pos) | (pos < 0) | ~seen.any(axis=(1, 2))).all()
+                if t == "sliding_attention" and B == 1 and T == 1:
+                    n = slots.stop - slots.start
+                    wrapped += n == c.ring_capacity
+                    assert n == c.ring_capacity or (n == min(W, c.lengths[0]) and mask is None)
+        assert B == 2 or wrapped  # the steps cross the ring's end at least once
