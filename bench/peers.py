@@ -27,7 +27,7 @@ one process, medians of the repeats); the plain configurations of mlx-lm and mlx
 check: before each process, a wait (bounded) until other processes use at most --busy-cores (/proc/stat); load
 average before/after and the CPU time other processes used meanwhile are recorded; a process run while others used
 more than --busy-cores is rerun (bounded) and, if still busy, marked busy.
-Absolute tokens/s are CPU figures (fp32, 2 cores, OpenBLAS).
+Absolute tokens/s are CPU figures (fp32, 2 cores, the BLAS the report names).
 
 The pair is built with transformers (tests/oracle.py's initialisation and patches: a repository checkout with the
 test extra) as a Gemma4ForConditionalGeneration (1-layer vision tower, no audio, like the 31B) + a
@@ -757,7 +757,7 @@ def main(argv=None):
     print(f"mlx-vlm: {vlm_status}", flush=True)
     report = dict(
         what="peers on one converted pair: plain, speculative (ours MTP, mlx-lm draft model, mlx-vlm MTP), identity "
-             "to greedy past the sliding window, memory; CPU figures (fp32, OpenBLAS)",
+             "to greedy past the sliding window, memory; CPU figures (fp32, the BLAS in `blas`)",
         machine=dict(platform=platform.platform(), machine=platform.machine(), cpus=os.cpu_count(),
                      blas=_blas.status, load_average_at_start=load_start),
         settings=dict(shape=shape, target=spec["target"], drafter=spec["drafter"], prompt_tokens=n_prompt,
