@@ -3,7 +3,7 @@
 The `mlx[cpu]` wheel links a reference BLAS whose float32 matmuls are 17-60x slower than an optimised one. A BLAS
 loaded with RTLD_GLOBAL before `mlx.core` is imported takes over MLX's `cblas_*` calls. In order of preference:
 
-- Intel MKL from the `mkl` wheel (the `cpu` extra on x86-64 Linux). Decoding is matmuls of 1 to K+1 rows against
+- Intel MKL from the `mkl` wheel (the `mkl` extra, x86-64 Linux only). Decoding is matmuls of 1 to K+1 rows against
   weights read from memory, and there MKL is about twice as fast as OpenBLAS. Also, it is the MKL that torch's CPU
   wheel links, so torch (the test oracle) works in the same process. With OpenBLAS 0.3.33 it did not: its
   `cblas_sgemm_batch` replaced MKL's inside torch, and torch's bmm crashed. MKL runs on GNU OpenMP, the runtime torch

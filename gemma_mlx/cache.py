@@ -17,10 +17,10 @@ that slice would wrap around the ring's end.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import mlx.core as mx
 import numpy as np
-
-from typing import NamedTuple
 
 from .config import FULL, TextConfig
 
@@ -159,6 +159,16 @@ class Span:
 
     def view(self) -> tuple[mx.array, mx.array]:
         return self.cache.keys[..., self.slots, :], self.cache.values[..., self.slots, :]
+
+
+class KV:
+    """K/V handed to a consumer layer in the place of a cache (the drafter's layers, which only read)."""
+
+    def __init__(self, keys: mx.array, values: mx.array):
+        self.keys, self.values = keys, values
+
+    def view(self) -> tuple[mx.array, mx.array]:
+        return self.keys, self.values
 
 
 class Reads(NamedTuple):

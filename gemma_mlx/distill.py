@@ -51,7 +51,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .cache import attention_mask
+from .cache import KV, attention_mask
 from .config import FULL, SLIDING, DrafterConfig
 from .drafter import Drafter, PairError
 
@@ -319,16 +319,6 @@ def generate_batch_sequences(engine, prompt_ids: list[list[int]], b: int, size: 
 # --- the training forward: K chained drafter steps from every position at once -------------------------------
 
 
-class _KV:
-    """A producer layer's teacher-forced K/V, as the drafter's attention reads a cache layer (`view()`)."""
-
-    def __init__(self, k, v):
-        self.k, self.v = k, v
-
-    def view(self):
-        return self.k, self.v
-
-
 def training_masks(drafter: Drafter, N: int) -> dict:
     """Query p (for p = 1…N−1) sees keys ≤ p−1, sliding layers the W+1 newest of them: Drafter.masks's rule
     (`attention_mask` with last position p−1 and window W+1), for every start position at once: [1, 1, N−1, N]."""
@@ -348,7 +338,7 @@ def drafter_steps(drafter: Drafter, target, batch: Batch, k: int) -> list[mx.arr
     T = N - 1
     tokens = mx.concatenate([batch.tokens, mx.zeros((B, k), mx.int32)], axis=1)
     masks = training_masks(drafter, N)
-    kv = {t: _KV(*batch.kv[t]) for t in masks}
+    kv = {t: KV(*batch.kv[t]) for t in masks}  # the teacher-forced K/V
     offset = mx.ones((B,), dtype=mx.int32)  # row b's queries are positions 1…N−1
     g = batch.hidden[:, :T]
     out = []

@@ -17,7 +17,7 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import TargetCache, attention_mask
+from .cache import KV, TargetCache, attention_mask
 from .config import FULL, SLIDING, DrafterConfig
 from .target import DecoderLayer, Target
 
@@ -71,7 +71,7 @@ class Drafter(nn.Module):
         """The assistant forward (§2.3) from its input u = [E_target[x]·√H, g] ([B, 1, 2H])."""
         h = self.pre_projection(u)
         for layer in self.model.layers:
-            h = layer(h, offset, _Read(*kv[layer.layer_type]), masks[layer.layer_type])
+            h = layer(h, offset, KV(*kv[layer.layer_type]), masks[layer.layer_type])
         h = self.model.norm(h)
         return h[:, 0], self.post_projection(h)
 
@@ -147,17 +147,6 @@ class Drafter(nn.Module):
     @classmethod
     def from_config_dict(cls, raw: dict) -> "Drafter":
         return cls(DrafterConfig.from_dict(raw))
-
-
-class _Read:
-    """Target K/V handed to a drafter layer in the place of a cache (drafter layers are consumers: they only
-    read)."""
-
-    def __init__(self, keys: mx.array, values: mx.array):
-        self.keys, self.values = keys, values
-
-    def view(self) -> tuple[mx.array, mx.array]:
-        return self.keys, self.values
 
 
 class PairError(ValueError):

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from gemma_mlx import _blas
+
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the BLAS preload is Linux-only")
 
 PROBE = r"""
@@ -36,14 +38,9 @@ def probe(blas: str | None, torch: bool = False) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def mkl_installed() -> bool:
-    from gemma_mlx import _blas
-    return _blas.mkl_path() is not None
-
-
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="the mkl wheel is x86-64 only")
 def test_mkl_is_preferred_and_torch_still_works():
-    assert mkl_installed(), "the test extra installs mkl on x86-64 Linux"
+    assert _blas.mkl_path() is not None, "the test extra installs mkl on x86-64 Linux"
     out = probe(None, torch=True)
     assert out["status"].startswith("using MKL from"), out["status"]
     assert out["mkl"] and not out["openblas"]
@@ -52,7 +49,7 @@ def test_mkl_is_preferred_and_torch_still_works():
 
 
 def test_openblas_on_request_and_reference_on_request():
-    if any(os.path.exists(p) for p in __import__("gemma_mlx")._blas.OPENBLAS):
+    if any(os.path.exists(p) for p in _blas.OPENBLAS):
         out = probe("openblas")
         assert out["status"].startswith("using OpenBLAS from") and out["openblas"] and not out["mkl"]
         assert out["err"] < 1e-3
