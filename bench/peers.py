@@ -339,7 +339,8 @@ class MlxLm:
         from mlx_lm.models.cache import make_prompt_cache
 
         cache = make_prompt_cache(self.model)
-        toks, seconds = _timed(tok for tok, _ in generate_step(mx.array(prompt), self.model, max_tokens=n,
+        one = mx.default_stream(mx.default_device())  # see one_stream
+        toks, seconds = _timed(tok for tok, _ in generate_step(mx.array(prompt), self.model, one, max_tokens=n,
                                                            prompt_cache=cache))
         return Run(toks, seconds, cache_bytes(cache), len(toks))
 
@@ -353,7 +354,8 @@ class MlxLm:
         if cfg["alpha"] is not None:
             draft = ForcedDraftModel(draft, reference, cfg["alpha"], seed)
         flags, k = [], cfg["k"]
-        stream = speculative_generate_step(mx.array(prompt), self.model, draft, num_draft_tokens=k, max_tokens=n,
+        one = mx.default_stream(mx.default_device())  # see one_stream
+        stream = speculative_generate_step(mx.array(prompt), self.model, draft, one, num_draft_tokens=k, max_tokens=n,
                                            prompt_cache=tcache + dcache)
 
         def tokens():
@@ -449,6 +451,23 @@ def first_difference(a, b):
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
 
 
+def one_stream():
+    """Make every system compute on this thread's default MLX stream (call before mlx-vlm is imported).
+
+    MLX runs each stream on its own thread, and mlx-lm and mlx-vlm decode on streams of their own. With MKL on GNU
+    OpenMP, every thread that calls BLAS gets its own OpenMP team, and once a process has more OpenMP threads than
+    cores libgomp throttles its spin-waits: from then on every small matmul of every system is about 50% slower (on
+    the 31b-like target, 47 steps of mlx-lm took 1.85 s on one stream, 2.85 s on the default stream after one run on
+    a second). Alone in its process each system computes on one stream, so one shared stream is each one's own
+    speed (mlx-vlm's MTP even gains: it uses two streams of its own). OpenBLAS has one thread pool: no effect there."""
+    import mlx.core as mx
+    import mlx_lm.generate
+
+    default = mx.default_stream(mx.default_device())
+    mx.new_thread_local_stream = lambda device: default  # the module-level streams of peers imported from now on
+    mlx_lm.generate.generation_stream = default  # imported already (gemma_mlx uses mlx-lm): also passed as `stream=`
+
+
 def worker(job: dict) -> dict:
     """One configuration of one system, in this process: load, warm up (plain greedy = the reference, then the
     configuration, checked against it), record the peak RSS, then alternate with the yardstick (the system's own
@@ -456,6 +475,7 @@ def worker(job: dict) -> dict:
     import mlx.core as mx
 
     system, cfg, prompt, n = job["system"], job["config"], job["prompt"], job["tokens"]
+    one_stream()
     out = dict(system=system, label=job["label"], config=cfg, blas=_blas.status, mlx=mx.__version__)
     if system == "mlx_vlm":
         import mlx_vlm

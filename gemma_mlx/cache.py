@@ -69,8 +69,13 @@ class LayerCache:
         slots = self.lengths[:, None] + np.arange(T)[None, :]
         if self.is_ring:
             slots %= self.ring_capacity
-        self.keys = _put_slots(self.keys, slots, keys)
-        self.values = _put_slots(self.values, slots, values)
+        first = int(slots[0, 0])
+        if (slots == first + np.arange(T)).all():  # every row writes the same run of slots: a slice update
+            self.keys[..., first : first + T, :] = keys.astype(self.keys.dtype)
+            self.values[..., first : first + T, :] = values.astype(self.values.dtype)
+        else:
+            self.keys = _put_slots(self.keys, slots, keys)
+            self.values = _put_slots(self.values, slots, values)
         self.lengths = self.lengths + T
 
     def view(self, whole: bool = False) -> tuple[mx.array, mx.array]:

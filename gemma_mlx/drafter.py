@@ -19,7 +19,7 @@ import mlx.nn as nn
 
 from .cache import KV, TargetCache, attention_mask
 from .config import FULL, SLIDING, DrafterConfig
-from .target import DecoderLayer, Target
+from .target import DecoderLayer, RMSNorm, Target
 
 
 class AssistantModel(nn.Module):
@@ -29,7 +29,7 @@ class AssistantModel(nn.Module):
         self.embed_tokens = nn.Embedding(t.vocab_size, t.hidden_size)  # the LM head only (§2.2): never embeds
         # Every layer is a kv-shared consumer (num_kv_shared_layers == num_hidden_layers): q/o projections only.
         self.layers = [DecoderLayer(t, i) for i in range(t.num_hidden_layers)]
-        self.norm = nn.RMSNorm(t.hidden_size, eps=t.rms_norm_eps)
+        self.norm = RMSNorm(t.hidden_size, eps=t.rms_norm_eps)
 
 
 class MaskedEmbedding(nn.Module):

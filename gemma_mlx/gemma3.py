@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from typing import Optional
 
 import mlx.core as mx
@@ -23,7 +24,7 @@ import mlx.nn as nn
 
 from .cache import Span, TargetCache
 from .config import FULL, SLIDING, ConfigError
-from .target import MLP, CausalLM
+from .target import MLP, CausalLM, rope
 
 TARGET_TYPES = ("gemma3_text", "gemma3")
 DROPPED_PREFIXES = ("vision_tower.", "multi_modal_projector.")
@@ -188,8 +189,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def __call__(self, x: mx.array) -> mx.array:
-        w = 1.0 + self.weight.astype(mx.float32)
-        return mx.fast.rms_norm(x.astype(mx.float32), w, self.eps).astype(x.dtype)
+        return _one_plus_w_norm(x, self.weight, self.eps)
+
+
+@partial(mx.compile, shapeless=True)  # fused on the CPU backend, as target.rms_norm
+def _one_plus_w_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
+    return mx.fast.rms_norm(x.astype(mx.float32), 1.0 + weight.astype(mx.float32), eps).astype(x.dtype)
 
 
 class RoPE(nn.Module):
@@ -198,12 +203,11 @@ class RoPE(nn.Module):
     def __init__(self, params: dict, head_dim: int):
         super().__init__()
         factor = params.get("factor", 1.0) if params["rope_type"] == "linear" else 1.0
-        self.dims = head_dim
         self._freqs = factor * params["rope_theta"] ** (mx.arange(0, head_dim, 2, dtype=mx.float32) / head_dim)
         mx.eval(self._freqs)  # a constant: evaluate now, so any thread can use it (MLX streams are per thread)
 
     def __call__(self, x: mx.array, offset: mx.array) -> mx.array:
-        return mx.fast.rope(x, self.dims, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._freqs)
+        return rope(x, offset, self._freqs)
 
 
 class Attention(nn.Module):

@@ -8,6 +8,7 @@ forward returns (logits, final-norm hidden states), the hidden state being the d
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -18,6 +19,34 @@ from .config import FULL, ConfigError, TextConfig, text_config_of
 from .moe import Experts
 
 
+# On the CPU backend MLX runs mx.fast.rms_norm and mx.fast.rope as their reference graphs of small ops (they are fused
+# kernels only on Metal). A decode step runs ~7 norms and 2 RoPEs a layer on a few thousand numbers each, where per-op
+# dispatch costs more than the math: compiled, each becomes one or two fused kernels (on Metal, the same kernel).
+
+
+@partial(mx.compile, shapeless=True)
+def rms_norm(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
+    """x / rms(x) · weight (Gemma 4 multiplies by w, spec §1.3.1); weight None: no scale."""
+    return mx.fast.rms_norm(x, weight, eps)
+
+
+@mx.compile  # not shapeless: RoPE's graph slices by shape (one trace per shape: decode and verify use a handful)
+def rope(x: mx.array, offset: mx.array, freqs: mx.array) -> mx.array:
+    """Non-interleaved RoPE over the whole head with the given periods, positions offset + 0..T-1 per row."""
+    return mx.fast.rope(x, x.shape[-1], traditional=False, base=None, scale=1.0, offset=offset, freqs=freqs)
+
+
+@partial(mx.compile, shapeless=True)
+def geglu(gate: mx.array, x: mx.array) -> mx.array:
+    """gelu_tanh(gate) · x, fused."""
+    return nn.gelu_approx(gate) * x
+
+
+class RMSNorm(nn.RMSNorm):
+    def __call__(self, x: mx.array) -> mx.array:
+        return rms_norm(x, self["weight"], self.eps)
+
+
 class RoPE(nn.Module):
     """Non-interleaved RoPE; `proportional` rotates the first p·D/2 pairs with exponents over the full D and
     leaves the rest unrotated (spec §1.3.4), expressed as `inf` periods."""
@@ -26,7 +55,6 @@ class RoPE(nn.Module):
         super().__init__()
         kind = params.get("rope_type", "default")
         base, factor = params.get("rope_theta", 10_000.0), params.get("factor", 1.0)
-        self.dims = head_dim
         if kind == "proportional":
             pairs = int(params.get("partial_rotary_factor", 1.0) * head_dim // 2)
             rotated = factor * base ** (mx.arange(0, 2 * pairs, 2, dtype=mx.float32) / head_dim)
@@ -38,7 +66,7 @@ class RoPE(nn.Module):
         mx.eval(self._freqs)  # a constant: evaluate now, so any thread can use it (MLX streams are per thread)
 
     def __call__(self, x: mx.array, offset: mx.array) -> mx.array:
-        return mx.fast.rope(x, self.dims, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._freqs)
+        return rope(x, offset, self._freqs)
 
 
 class Attention(nn.Module):
@@ -55,12 +83,12 @@ class Attention(nn.Module):
         H, D = cfg.hidden_size, self.head_dim
         self.q_proj = nn.Linear(H, self.n_heads * D, bias=False)
         self.o_proj = nn.Linear(self.n_heads * D, H, bias=False)
-        self.q_norm = nn.RMSNorm(D, eps=self.eps)
+        self.q_norm = RMSNorm(D, eps=self.eps)
         if self.is_producer:
             self.k_proj = nn.Linear(H, self.n_kv * D, bias=False)
             if not self.k_eq_v:
                 self.v_proj = nn.Linear(H, self.n_kv * D, bias=False)
-            self.k_norm = nn.RMSNorm(D, eps=self.eps)
+            self.k_norm = RMSNorm(D, eps=self.eps)
         self.rope = RoPE(cfg.rope_parameters[self.layer_type], D)
 
     def __call__(self, x: mx.array, offset: mx.array, cache, mask) -> mx.array:
@@ -71,7 +99,7 @@ class Attention(nn.Module):
             k = self.k_proj(x).reshape(B, T, self.n_kv, -1)
             v = k if self.k_eq_v else self.v_proj(x).reshape(B, T, self.n_kv, -1)  # k_eq_v: V = raw k_proj output
             k = self.rope(self.k_norm(k).transpose(0, 2, 1, 3), offset)
-            v = mx.fast.rms_norm(v, None, self.eps).transpose(0, 2, 1, 3)  # v_norm has no weight
+            v = rms_norm(v, None, self.eps).transpose(0, 2, 1, 3)  # v_norm has no weight
             cache.write(k, v)
         keys, values = cache.view()
         o = mx.fast.scaled_dot_product_attention(q, keys, values, scale=1.0, mask=mask)
@@ -86,7 +114,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def __call__(self, x):
-        return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(geglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -98,23 +126,23 @@ class DecoderLayer(nn.Module):
         self.layer_type = cfg.layer_types[i]
         self.self_attn = Attention(cfg, i)
         self.mlp = MLP(H, cfg.mlp_size(i))
-        self.input_layernorm = nn.RMSNorm(H, eps=eps)
-        self.post_attention_layernorm = nn.RMSNorm(H, eps=eps)
-        self.pre_feedforward_layernorm = nn.RMSNorm(H, eps=eps)
-        self.post_feedforward_layernorm = nn.RMSNorm(H, eps=eps)
+        self.input_layernorm = RMSNorm(H, eps=eps)
+        self.post_attention_layernorm = RMSNorm(H, eps=eps)
+        self.pre_feedforward_layernorm = RMSNorm(H, eps=eps)
+        self.post_feedforward_layernorm = RMSNorm(H, eps=eps)
         self.enable_moe = cfg.enable_moe_block
         if self.enable_moe:
             self.router = Router(cfg)
             self.experts = Experts(cfg)
-            self.pre_feedforward_layernorm_2 = nn.RMSNorm(H, eps=eps)
-            self.post_feedforward_layernorm_1 = nn.RMSNorm(H, eps=eps)
-            self.post_feedforward_layernorm_2 = nn.RMSNorm(H, eps=eps)
+            self.pre_feedforward_layernorm_2 = RMSNorm(H, eps=eps)
+            self.post_feedforward_layernorm_1 = RMSNorm(H, eps=eps)
+            self.post_feedforward_layernorm_2 = RMSNorm(H, eps=eps)
         self.has_ple = bool(cfg.hidden_size_per_layer_input)
         if self.has_ple:
             P = cfg.hidden_size_per_layer_input
             self.per_layer_input_gate = nn.Linear(H, P, bias=False)
             self.per_layer_projection = nn.Linear(P, H, bias=False)
-            self.post_per_layer_input_norm = nn.RMSNorm(H, eps=eps)
+            self.post_per_layer_input_norm = RMSNorm(H, eps=eps)
         self.layer_scalar = mx.ones((1,))
 
     def __call__(self, h, offset, cache, mask, ple=None):
@@ -126,7 +154,7 @@ class DecoderLayer(nn.Module):
             f = self.post_feedforward_layernorm_1(f) + self.post_feedforward_layernorm_2(experts)
         h = r + self.post_feedforward_layernorm(f)
         if self.has_ple:
-            gate = nn.gelu_approx(self.per_layer_input_gate(h)) * ple
+            gate = geglu(self.per_layer_input_gate(h), ple)
             h = h + self.post_per_layer_input_norm(self.per_layer_projection(gate))
         return h * self.layer_scalar
 
@@ -137,13 +165,13 @@ class Gemma4TextModel(nn.Module):
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = [DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)]
-        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         P = cfg.hidden_size_per_layer_input
         if P:
             N = cfg.num_hidden_layers
             self.embed_tokens_per_layer = nn.Embedding(cfg.vocab_size_per_layer_input, N * P)
             self.per_layer_model_projection = nn.Linear(cfg.hidden_size, N * P, bias=False)
-            self.per_layer_projection_norm = nn.RMSNorm(P, eps=cfg.rms_norm_eps)
+            self.per_layer_projection_norm = RMSNorm(P, eps=cfg.rms_norm_eps)
 
     def embed(self, tokens: mx.array) -> mx.array:
         """The scaled token embedding E[x]·√H (also the drafter's input, §2.3); the scale rounds to the weight dtype

@@ -111,3 +111,14 @@ def test_marginal_rate_is_the_same_for_look_ahead_and_plain_streams():
         toks, tn = peers._timed(stream(6))  # short, so one forward too many would be 25% off
         assert toks == list(range(6))
         assert peers.marginal_rate(6, tn, t1) == pytest.approx(1 / cost, rel=0.1)
+
+
+def test_every_system_decodes_on_one_stream(report):
+    """The workers (in this process with --inprocess) put mlx-lm's and mlx-vlm's generation streams on the default
+    stream: with MKL, a second BLAS-calling thread slows every system's matmuls (bench.peers.one_stream)."""
+    import mlx.core as mx
+    import mlx_lm.generate
+
+    default = mx.default_stream(mx.default_device())
+    assert mlx_lm.generate.generation_stream == default
+    assert mx.new_thread_local_stream(mx.default_device()) == default

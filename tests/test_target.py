@@ -87,3 +87,27 @@ def test_quantized_conversions_agree_with_fp32(variant, bits, agreement, mlx_tar
     b, _ = quant(mx.array([ids]), quant.make_cache(chunk=256))
     same = (np.array(a).argmax(-1) == np.array(b).argmax(-1)).mean()
     assert same >= agreement, f"{bits}-bit top-1 agreement {same:.2f}"
+
+
+def _primitives(*arrays) -> list[str]:
+    """The primitives of the graph that computes `arrays`, by name (a compiled kernel is one, "Compiled...")."""
+    import io
+    import re
+
+    dot = io.StringIO()
+    mx.export_to_dot(dot, *arrays)
+    return re.findall(r'label ?= ?"([A-Za-z]+)', dot.getvalue())
+
+
+def test_a_decode_step_fuses_norms_and_rope_and_writes_the_cache_by_slices(mlx_target):
+    """On the CPU backend mx.fast.rms_norm and mx.fast.rope run as graphs of small ops, each op a dispatch: a decode
+    step fuses them (compiled), and a batch-1 step writes its K/V with slice updates, not scatters."""
+    target = mlx_target("e2blike")
+    cache = target.make_cache(chunk=8)
+    target.prefill(mx.array([LONG]), cache)
+    logits, hidden = target(mx.array([[5]]), cache)
+    ops = _primitives(logits, hidden, *cache.state())
+    assert "Rsqrt" not in ops, "an RMSNorm ran as separate ops"
+    assert "Subtract" not in ops, "a RoPE rotation (x1·cos − x2·sin) ran as separate ops"
+    assert not [o for o in ops if o.startswith("Scatter")], "a batch-1 step scattered into the cache"
+    assert ops.count("SliceUpdate") == 2 * len(cache.layers)
