@@ -100,8 +100,9 @@ def _primitives(*arrays) -> list[str]:
 
 
 def test_a_decode_step_fuses_norms_and_rope_and_writes_the_cache_by_slices(mlx_target):
-    """On the CPU backend mx.fast.rms_norm and mx.fast.rope run as graphs of small ops, each op a dispatch: a decode
-    step fuses them (compiled), and a batch-1 step writes its K/V with slice updates, not scatters."""
+    """On the CPU backend mx.fast.rms_norm and mx.fast.rope run as graphs of small ops, each op a dispatch, and tanh
+    and pow are libm calls per element: a decode step fuses the norms and RoPE (compiled), computes GELU and the
+    softcap with the rational tanh, and a batch-1 step writes its K/V with slice updates, not scatters."""
     target = mlx_target("e2blike")
     cache = target.make_cache(chunk=8)
     target.prefill(mx.array([LONG]), cache)
@@ -109,5 +110,18 @@ def test_a_decode_step_fuses_norms_and_rope_and_writes_the_cache_by_slices(mlx_t
     ops = _primitives(logits, hidden, *cache.state())
     assert "Rsqrt" not in ops, "an RMSNorm ran as separate ops"
     assert "Subtract" not in ops, "a RoPE rotation (x1·cos − x2·sin) ran as separate ops"
+    assert not [o for o in ops if "Tanh" in o or "Power" in o], "GELU or the softcap called libm per element"
     assert not [o for o in ops if o.startswith("Scatter")], "a batch-1 step scattered into the cache"
     assert ops.count("SliceUpdate") == 2 * len(cache.layers)
+
+
+def test_rational_tanh_is_tanh_to_float32_rounding():
+    from gemma_mlx.target import tanh
+
+    x = np.concatenate([np.linspace(-12, 12, 200_001), [0.0, 1e-30, -1e-8, 3e-4, 7.9, 8.0, 40.0, -1e4]]).astype(np.float32)
+    ours = np.array(tanh(mx.array(x)))
+    assert np.abs(ours - np.tanh(x.astype(np.float64))).max() < 4e-7
+    assert (np.sign(ours) == np.sign(x)).all() and np.abs(ours).max() <= 1.0
+    small = np.float32([1e-8, 1e-5, -3e-4])
+    assert np.allclose(np.array(tanh(mx.array(small))), small, rtol=3e-7, atol=0)
+    assert tanh(mx.array(x).astype(mx.bfloat16)).dtype == mx.bfloat16
