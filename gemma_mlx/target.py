@@ -48,7 +48,7 @@ _TANH_CLAMP = 7.90531110763549805
 def tanh(x: mx.array) -> mx.array:
     """tanh by multiplies, adds and one divide, which fuse into the kernel around it. On the CPU backend mx.tanh is a
     libm call per element (14 ns; this: 3 ns), and GELU and the logit softcap run it over every MLP activation and
-    logit: 1.7M of them in an 8-token verify of the e2b-like bench target."""
+    logit: about a million of them in an 8-token verify of the e2b-like bench target."""
     y = mx.clip(x.astype(mx.float32), -_TANH_CLAMP, _TANH_CLAMP)
     y2 = y * y
     p, q = _TANH_P[-1], _TANH_Q[-1]
