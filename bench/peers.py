@@ -335,18 +335,17 @@ class MlxLm:
 
     def plain(self, prompt, n):
         import mlx.core as mx
-        from mlx_lm.generate import generate_step
+        from mlx_lm.generate import generate_step, generation_stream  # the default stream since one_stream
         from mlx_lm.models.cache import make_prompt_cache
 
         cache = make_prompt_cache(self.model)
-        one = mx.default_stream(mx.default_device())  # see one_stream
-        toks, seconds = _timed(tok for tok, _ in generate_step(mx.array(prompt), self.model, one, max_tokens=n,
-                                                           prompt_cache=cache))
+        toks, seconds = _timed(tok for tok, _ in generate_step(mx.array(prompt), self.model, generation_stream,
+                                                           max_tokens=n, prompt_cache=cache))
         return Run(toks, seconds, cache_bytes(cache), len(toks))
 
     def spec(self, cfg, prompt, n, reference, seed):
         import mlx.core as mx
-        from mlx_lm.generate import speculative_generate_step
+        from mlx_lm.generate import generation_stream, speculative_generate_step  # see plain
         from mlx_lm.models.cache import make_prompt_cache
 
         draft = self.model if cfg["kind"] == "self" else self.draft
@@ -354,9 +353,8 @@ class MlxLm:
         if cfg["alpha"] is not None:
             draft = ForcedDraftModel(draft, reference, cfg["alpha"], seed)
         flags, k = [], cfg["k"]
-        one = mx.default_stream(mx.default_device())  # see one_stream
-        stream = speculative_generate_step(mx.array(prompt), self.model, draft, one, num_draft_tokens=k, max_tokens=n,
-                                           prompt_cache=tcache + dcache)
+        stream = speculative_generate_step(mx.array(prompt), self.model, draft, generation_stream, num_draft_tokens=k,
+                                           max_tokens=n, prompt_cache=tcache + dcache)
 
         def tokens():
             for tok, _, from_draft in stream:
@@ -465,7 +463,7 @@ def one_stream():
 
     default = mx.default_stream(mx.default_device())
     mx.new_thread_local_stream = lambda device: default  # the module-level streams of peers imported from now on
-    mlx_lm.generate.generation_stream = default  # imported already (gemma_mlx uses mlx-lm): also passed as `stream=`
+    mlx_lm.generate.generation_stream = default  # imported already (by gemma_mlx): MlxLm passes it as `stream=`
 
 
 def worker(job: dict) -> dict:
