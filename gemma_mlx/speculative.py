@@ -157,10 +157,13 @@ class DraftLength:
         E(K) / T(K),   E(K) = 1 + Σ_{j≤K} Π_{i≤j} a_i,
 
     with a_i the (decayed) acceptance rate of draft position i given the ones before were accepted (shrunk towards
-    a_{i-1}, a_1 towards PRIOR, while there are few rounds at i) and T(K) the measured round time, fitted as
-    c0 + c1·K over the K values seen (the first round at each K is not timed: it pays one-time costs). K = 0 (plain
-    decoding) whenever drafting does not pay; then one round in `probe_every` is a K = 1 probe that re-measures a_1,
-    one in twice as many after each probe whose draft is rejected (up to 8x).
+    a_{i-1}, a_1 towards PRIOR, while there are few rounds at i) and T(K) the measured round time at each K seen
+    (the first round at each K is not timed: it pays one-time costs). Round times are not linear in K on a CPU (a
+    BLAS multiplies a few rows in the time of one, then steps up, or flattens out), so a K not seen yet is put
+    halfway between the time at the nearest K seen below it and the line through the K seen around it (beyond the
+    deepest, along the last segment): optimism that gets it tried, and then measured, when the acceptance nearly
+    pays for it. K = 0 (plain decoding) whenever drafting does not pay; then one round in `probe_every` is a K = 1
+    probe that re-measures a_1, one in twice as many after each probe whose draft is rejected (up to 8x).
 
     A batch shares one K (`choose(rows, room)`): it maximises the expected tokens per second summed over the rows,
     Σ_b E_b(K) / T_B(K). E_b uses row b's own acceptance by position, shrunk (while the row has few rounds there)
@@ -243,8 +246,13 @@ class DraftLength:
         b = min(fitted, key=lambda b: (abs(b - batch), -b))
         seen = self.time_n[b] > 0
         ks, mean = np.nonzero(seen)[0], self.time_sum[b][seen] / self.time_n[b][seen]
-        c1, c0 = np.polyfit(ks, mean, 1, w=np.sqrt(self.time_n[b][seen]))
-        return np.maximum(c0 + c1 * k, 1e-9)
+        slope = np.maximum(np.diff(mean) / np.diff(ks), 0.0)
+        line = np.interp(k, ks, mean)  # through the K seen, beyond them along the first / last segment
+        line = np.where(k < ks[0], mean[0] + slope[0] * (k - ks[0]), line)
+        line = np.where(k > ks[-1], mean[-1] + slope[-1] * (k - ks[-1]), line)
+        floor = mean[np.maximum(np.searchsorted(ks, k, side="right") - 1, 0)]  # at the nearest K seen below
+        t = (line + np.minimum(floor, line)) / 2
+        return np.maximum(t, 1e-9)
 
     def _seen(self, batch: int) -> set:
         return set(np.nonzero(self.time_n[batch])[0].tolist()) if batch in self.time_n else set()

@@ -285,10 +285,15 @@ def mode(ks):
 
 WEIGHTS_BOUND = lambda b, k: 1.0 + 0.05 * k + 0.01 * b * (k + 1)  # noqa: E731  reading weights dominates a round
 COMPUTE_BOUND = lambda b, k: 0.2 + 0.1 * b * (k + 1)  # noqa: E731  every verified token costs
+# a CPU BLAS (MKL here): 1-3 rows cost one, 4+ rows about two; and one (OpenBLAS) whose cost flattens out with K
+BLAS_STEP = lambda b, k: 1.0 + 0.05 * k + (1.0 if b * (k + 1) > 3 else 0.0)  # noqa: E731
+FLATTENING = lambda b, k: 1.0 + 0.03 * k + 0.4 * (1 - np.exp(-b * k / 2.5))  # noqa: E731
 
 
 @pytest.mark.parametrize("alphas, cost", [([0.8] * 8, WEIGHTS_BOUND), ([0.7] * 8, COMPUTE_BOUND), ([0.7], COMPUTE_BOUND),
-                                          ([0.95] * 4 + [0.05] * 4, WEIGHTS_BOUND), ([0.9, 0.9, 0.1, 0.1], WEIGHTS_BOUND)])
+                                          ([0.95] * 4 + [0.05] * 4, WEIGHTS_BOUND), ([0.9, 0.9, 0.1, 0.1], WEIGHTS_BOUND),
+                                          ([0.7], BLAS_STEP), ([0.8], BLAS_STEP), ([0.7] * 4, BLAS_STEP),
+                                          ([0.7], FLATTENING), ([0.7] * 4, FLATTENING)])
 def test_batch_draft_length_maximises_summed_tokens_per_second(alphas, cost):
     k = mode(simulate(alphas, cost)[-100:])
     assert gain(alphas, cost, k) >= 0.97 * gain(alphas, cost, best_k(alphas, cost)), (k, best_k(alphas, cost))
