@@ -1,5 +1,5 @@
-"""bench/run.py's quiet-machine check: a repeat measured while other processes were busy is rerun, and counted busy
-if it still is after the reruns."""
+"""bench/run.py: the quiet-machine check (a repeat measured while other processes were busy is rerun, and counted
+busy if it still is after the reruns), and the limit each row's efficiency is measured against."""
 
 import numpy as np
 
@@ -27,3 +27,35 @@ def test_a_repeat_on_a_busy_machine_is_rerun(monkeypatch):
     assert np.allclose(res["other_processes_cores"], [0.1, 1.5])
     assert res["busy_repeats"] == 1
     assert res["plain_tps"] == 10.0
+
+
+def test_k_auto_is_measured_against_the_best_k_plain_included(monkeypatch):
+    """A fixed-K row's limit is at its K; a K auto row's at the best K for its measured acceptance, which is plain
+    decoding (1.0) for a drafter that is never right."""
+    from gemma_mlx.speculative import Stats
+
+    def stats(k, n_accepted, rounds=20):
+        s = Stats()
+        for _ in range(rounds):
+            s.record(k, n_accepted)
+        return s
+
+    # a round of K costs 1 + 0.6 K plain steps (draft 0.1 a step, verify 1 + 0.5 a token beyond the first)
+    costs = {"plain": 1.0} | {f"draft{k}": 0.1 * k for k in range(1, 9)} | {f"verify{k}": 1.0 + 0.5 * k for k in range(1, 9)}
+    accepted = {(1.0, "auto"): 2, (0.0, "auto"): 0, (0.7, 4): 4}  # of 4 drafts, every round
+
+    def fake_repeat(shape, target, drafter, configs, auto, prompts, n_new, rep, res):
+        res["kv_bytes_plain"] = res["kv_bytes_spec"] = 0
+        return [10.0], {c: [15.0] for c in configs}, {c: [stats(4, accepted[c])] for c in configs}
+
+    monkeypatch.setattr(run, "build", lambda shape: (object(), object()))
+    monkeypatch.setattr(run, "nbytes", lambda m: 1)
+    monkeypatch.setattr(run, "one_repeat", fake_repeat)
+    monkeypatch.setattr(run, "others_since", lambda start: 0.0)
+    monkeypatch.setattr(run, "step_costs", lambda *a, **k: costs)
+    res, _ = run.run_shape("x", alphas=[1.0, 0.0], ks=[4], n_new=4, repeats=1, prompts=[[2, 3]])
+    # auto: positions 1, 2 always right, 3 never: K = 1, 2, 3 give 2 / 1.6, 3 / 2.2, 3 / 2.8; K = 4 row: 5 / 3.4
+    assert np.isclose(res["configs"]["alpha=1.0,K=auto"]["limit"], 3 / 2.2)
+    assert np.isclose(res["configs"]["alpha=0.7,K=4"]["limit"], 5 / 3.4)
+    assert res["configs"]["alpha=0.0,K=auto"]["limit"] == 1.0
+    assert np.isclose(res["configs"]["alpha=0.0,K=auto"]["efficiency"], 1.5)
