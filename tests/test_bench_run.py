@@ -41,7 +41,8 @@ def test_k_auto_is_measured_against_the_best_k_plain_included(monkeypatch):
         return s
 
     # a round of K costs 1 + 0.6 K plain steps (draft 0.1 a step, verify 1 + 0.5 a token beyond the first)
-    costs = {"plain": 1.0} | {f"draft{k}": 0.1 * k for k in range(1, 9)} | {f"verify{k}": 1.0 + 0.5 * k for k in range(1, 9)}
+    costs = {"plain": 1.0} | {f"draft{k}": 0.1 * k for k in range(1, 9)} | \
+        {f"verify{k}": 1.0 + 0.5 * k for k in range(1, 9)}
     accepted = {(1.0, "auto"): 2, (0.0, "auto"): 0, (0.7, 4): 4}  # of 4 drafts, every round
 
     def fake_repeat(shape, target, drafter, configs, auto, prompts, n_new, rep, res):
