@@ -1,5 +1,6 @@
 """bench/run.py: the quiet-machine check (a repeat measured while other processes were busy is rerun, and counted
-busy if it still is after the reruns), and the limit each row's efficiency is measured against."""
+busy if it still is after the reruns), the limit each row's efficiency is measured against, and how the step costs
+behind it are timed."""
 
 import numpy as np
 
@@ -60,3 +61,66 @@ def test_k_auto_is_measured_against_the_best_k_plain_included(monkeypatch):
     assert np.isclose(res["configs"]["alpha=0.7,K=4"]["limit"], 5 / 3.4)
     assert res["configs"]["alpha=0.0,K=auto"]["limit"] == 1.0
     assert np.isclose(res["configs"]["alpha=0.0,K=auto"]["efficiency"], 1.5)
+
+
+def test_k_auto_limit_uses_every_run_at_its_alpha(monkeypatch):
+    """A position K auto reached once (accepted: 1.00) is priced at the rate of every run at that α (21 of 41), not
+    at its own one round."""
+    from gemma_mlx.speculative import Stats
+
+    def stats(rounds):  # (k, n accepted) per round
+        s = Stats()
+        for k, n in rounds:
+            s.record(k, n)
+        return s
+
+    costs = {"plain": 1.0} | {f"draft{k}": 0.1 * k for k in range(1, 9)} | \
+        {f"verify{k}": 1.0 + 0.5 * k for k in range(1, 9)}
+    runs = {(0.7, "auto"): stats([(1, 1)] * 20 + [(2, 2)]), (0.7, 2): stats([(2, 2)] * 20 + [(2, 1)] * 20)}
+
+    def fake_repeat(shape, target, drafter, configs, auto, prompts, n_new, rep, res):
+        res["kv_bytes_plain"] = res["kv_bytes_spec"] = 0
+        return [10.0], {c: [15.0] for c in configs}, {c: [runs[c]] for c in configs}
+
+    monkeypatch.setattr(run, "build", lambda shape: (object(), object()))
+    monkeypatch.setattr(run, "nbytes", lambda m: 1)
+    monkeypatch.setattr(run, "one_repeat", fake_repeat)
+    monkeypatch.setattr(run, "others_since", lambda start: 0.0)
+    monkeypatch.setattr(run, "step_costs", lambda *a, **k: costs)
+    res, _ = run.run_shape("x", alphas=[0.7], ks=[2], n_new=4, repeats=1, prompts=[[2, 3]])
+    auto = res["configs"]["alpha=0.7,K=auto"]
+    assert auto["acceptance_by_position"] == [1.0, 1.0]  # its own rates, as the table shows them
+    # pooled: position 1 61/61, position 2 21/41; K = 1: 2 / 1.6 beats K = 2: (2 + 21/41) / 2.2 (own rates: 3 / 2.2)
+    assert np.isclose(auto["limit"], 2 / 1.6)
+    assert np.isclose(res["configs"]["alpha=0.7,K=2"]["limit"], (1 + 1 + 0.5) / 2.2)  # its own rates
+
+
+def test_a_draft_is_timed_after_a_verify_as_in_a_round(monkeypatch):
+    """The drafter's cost is measured where a round runs it, after a target forward (its weights no longer in the
+    CPU caches), not back to back; the plain step back to back, as plain decoding runs it."""
+    import mlx.core as mx
+
+    clock = {"t": 0.0, "last": None}
+
+    def target(tokens, cache):
+        clock["t"] += 10.0 + tokens.shape[1]
+        clock["last"] = "target"
+        return mx.zeros((1,))
+
+    class Drafter:
+        def draft(self, x, g, cache, k):
+            clock["t"] += k * (2.0 if clock["last"] == "target" else 1.0)  # cold after the target, warm after itself
+            clock["last"] = "drafter"
+            return mx.zeros((1, k))
+
+    class Session:
+        def __init__(self, target):
+            self.cache = type("Cache", (), {"rollback": lambda self, n: None})()
+
+        def prefill(self, prompt):
+            return None, None, len(prompt)
+
+    monkeypatch.setattr(run, "Session", Session)
+    monkeypatch.setattr(run.time, "perf_counter", lambda: clock["t"])
+    costs = run.step_costs(target, Drafter(), [2, 3], ks=[1, 3])
+    assert costs == {"plain": 11.0, "draft1": 2.0, "verify1": 12.0, "draft3": 6.0, "verify3": 14.0}
