@@ -101,6 +101,30 @@ def verify_costs(target, batch: int, k: int, reps: int):
                                                    ratio=med[union, k + 1] / med[union, 1]) for union in (True, False)}
 
 
+def plot(decode: dict, path: Path):
+    """Speed-up vs batch size, a line per target (`decode`: report["decode"], as written to batch.json)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install 'gemma-mlx[bench]'): no plot")
+        return
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name, rows in decode.items():
+        bs = sorted(rows, key=int)
+        ax.plot([int(b) for b in bs], [rows[b]["speedup"] for b in bs], marker="o", label=name)
+    ax.axhline(1.0, color="gray", lw=0.5)
+    ax.set_xscale("log", base=2)
+    ax.minorticks_off()
+    ax.set(xlabel="batch size B", ylabel="MTP speed-up vs plain (fp32, CPU)", xticks=[1, 2, 4, 8],
+           xticklabels=["1", "2", "4", "8"], title=f"speed-up vs batch size (α = {ALPHA}, K auto)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=32, help="new tokens per row")
@@ -161,6 +185,7 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "batch.json").write_text(json.dumps(report, indent=1))
     (args.out / "batch.md").write_text(text)
+    plot(report["decode"], args.out / "batch.png")
     print("\n" + text)
     print(f"({report['seconds']:.0f} s)")
     return 0
