@@ -33,6 +33,7 @@ from gemma_mlx.speculative import DraftLength
 from gemma_mlx.target import Target
 
 from .controlled import ControlledDrafter
+from .run import pyplot
 
 S, F = "sliding_attention", "full_attention"
 COMMON = dict(vocab_size=32768, hidden_size=1024, num_hidden_layers=8, layer_types=[S, S, S, F] * 2,
@@ -103,13 +104,7 @@ def verify_costs(target, batch: int, k: int, reps: int):
 
 def plot(decode: dict, path: Path):
     """Speed-up vs batch size, a line per target (`decode`: report["decode"], as written to batch.json)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed (pip install 'gemma-mlx[bench]'): no plot")
+    if (plt := pyplot()) is None:
         return
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name, rows in decode.items():

@@ -30,7 +30,7 @@ from mlx.utils import tree_flatten
 from gemma_mlx import _blas
 from gemma_mlx.config import DrafterConfig, TextConfig
 from gemma_mlx.drafter import Drafter
-from gemma_mlx.speculative import K_MAX, DraftLength, Session, generate_tokens
+from gemma_mlx.speculative import K_MAX, DraftLength, Session, Stats, generate_tokens
 from gemma_mlx.target import Target
 
 from .controlled import ControlledDrafter
@@ -129,10 +129,10 @@ def median_seconds(steps, reps):
 
 
 def acceptance_by_position(stats) -> list[float]:
-    """Accepted / attempted drafts at each position reached, over these runs."""
-    attempted = np.sum([s.attempted_by_position for s in stats], axis=0)
-    accepted = np.sum([s.accepted_by_position for s in stats], axis=0)
-    return [float(a / n) for a, n in zip(accepted, attempted) if n]
+    """Accepted / attempted drafts at each position reached, over these runs (as one run's Stats gives it)."""
+    return Stats(attempted_by_position=np.sum([s.attempted_by_position for s in stats], axis=0).tolist(),
+                 accepted_by_position=np.sum([s.accepted_by_position for s in stats], axis=0).tolist()
+                 ).acceptance_by_position
 
 
 def limit_speedup(acceptance, k, costs):
@@ -207,12 +207,14 @@ def run_shape(shape, alphas, ks, n_new, repeats, prompts, busy_cores=0.3, reruns
         entry = dict(alpha=alpha, k=k, speedup=speedup, tps=statistics.median(tps[c]),
                      mean_accepted_length=float(np.mean([s.mean_accepted_length for s in stats])),
                      acceptance_by_position=per_pos, mean_k=float(np.mean([np.mean(s.k_history) for s in stats])))
-        if per_pos:  # K auto: against the best K (plain decoding, 1, included), which it should find, priced with
-            # the acceptance of every run at this α (K auto seldom reaches the positions it finds do not pay, and a
-            # rate from a few rounds there, 1.00 say, would price a K at what no run at this α achieved)
-            pooled = acceptance_by_position([s for d in configs if d[0] == alpha for s in acc[d]])
-            entry["limit"] = max(limit_speedup(pooled, j, costs) for j in range(K_MAX + 1)) if k == "auto" \
-                else limit_speedup(per_pos, k, costs)
+        if per_pos:
+            if k == "auto":  # against the best K (plain decoding, 1, included), which it should find, priced with
+                # the acceptance of every run at this α (K auto seldom reaches the positions it finds do not pay, and
+                # a rate from a few rounds there, 1.00 say, would price a K at what no run at this α achieved)
+                at_alpha = acceptance_by_position([s for d in configs if d[0] == alpha for s in acc[d]])
+                entry["limit"] = max(limit_speedup(at_alpha, j, costs) for j in range(K_MAX + 1))
+            else:
+                entry["limit"] = limit_speedup(per_pos, k, costs)
             entry["efficiency"] = speedup / entry["limit"]
         res["configs"][f"alpha={alpha},K={k}"] = entry
     return res, target
@@ -232,7 +234,8 @@ def table(results) -> str:
     return "\n".join(lines)
 
 
-def plot(results, out: Path):
+def pyplot():
+    """matplotlib.pyplot drawing to files, or None (said once) when the bench extra is not installed."""
     try:
         import matplotlib
 
@@ -240,6 +243,12 @@ def plot(results, out: Path):
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib not installed (pip install 'gemma-mlx[bench]'): no plots")
+        return None
+    return plt
+
+
+def plot(results, out: Path):
+    if (plt := pyplot()) is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for r in results:

@@ -30,54 +30,23 @@ def test_a_repeat_on_a_busy_machine_is_rerun(monkeypatch):
     assert res["plain_tps"] == 10.0
 
 
-def test_k_auto_is_measured_against_the_best_k_plain_included(monkeypatch):
-    """A fixed-K row's limit is at its K; a K auto row's at the best K for its measured acceptance, which is plain
-    decoding (1.0) for a drafter that is never right."""
+# a round of K costs 1 + 0.6 K plain steps (draft 0.1 a step, verify 1 + 0.5 a token beyond the first)
+COSTS = {"plain": 1.0} | {f"draft{k}": 0.1 * k for k in range(1, 9)} | \
+    {f"verify{k}": 1.0 + 0.5 * k for k in range(1, 9)}
+
+
+def stats(rounds):
+    """A run's Stats from its rounds, (K, n accepted) each."""
     from gemma_mlx.speculative import Stats
 
-    def stats(k, n_accepted, rounds=20):
-        s = Stats()
-        for _ in range(rounds):
-            s.record(k, n_accepted)
-        return s
-
-    # a round of K costs 1 + 0.6 K plain steps (draft 0.1 a step, verify 1 + 0.5 a token beyond the first)
-    costs = {"plain": 1.0} | {f"draft{k}": 0.1 * k for k in range(1, 9)} | \
-        {f"verify{k}": 1.0 + 0.5 * k for k in range(1, 9)}
-    accepted = {(1.0, "auto"): 2, (0.0, "auto"): 0, (0.7, 4): 4}  # of 4 drafts, every round
-
-    def fake_repeat(shape, target, drafter, configs, auto, prompts, n_new, rep, res):
-        res["kv_bytes_plain"] = res["kv_bytes_spec"] = 0
-        return [10.0], {c: [15.0] for c in configs}, {c: [stats(4, accepted[c])] for c in configs}
-
-    monkeypatch.setattr(run, "build", lambda shape: (object(), object()))
-    monkeypatch.setattr(run, "nbytes", lambda m: 1)
-    monkeypatch.setattr(run, "one_repeat", fake_repeat)
-    monkeypatch.setattr(run, "others_since", lambda start: 0.0)
-    monkeypatch.setattr(run, "step_costs", lambda *a, **k: costs)
-    res, _ = run.run_shape("x", alphas=[1.0, 0.0], ks=[4], n_new=4, repeats=1, prompts=[[2, 3]])
-    # auto: positions 1, 2 always right, 3 never: K = 1, 2, 3 give 2 / 1.6, 3 / 2.2, 3 / 2.8; K = 4 row: 5 / 3.4
-    assert np.isclose(res["configs"]["alpha=1.0,K=auto"]["limit"], 3 / 2.2)
-    assert np.isclose(res["configs"]["alpha=0.7,K=4"]["limit"], 5 / 3.4)
-    assert res["configs"]["alpha=0.0,K=auto"]["limit"] == 1.0
-    assert np.isclose(res["configs"]["alpha=0.0,K=auto"]["efficiency"], 1.5)
+    s = Stats()
+    for k, n in rounds:
+        s.record(k, n)
+    return s
 
 
-def test_k_auto_limit_uses_every_run_at_its_alpha(monkeypatch):
-    """A position K auto reached once (accepted: 1.00) is priced at the rate of every run at that α (21 of 41), not
-    at its own one round."""
-    from gemma_mlx.speculative import Stats
-
-    def stats(rounds):  # (k, n accepted) per round
-        s = Stats()
-        for k, n in rounds:
-            s.record(k, n)
-        return s
-
-    costs = {"plain": 1.0} | {f"draft{k}": 0.1 * k for k in range(1, 9)} | \
-        {f"verify{k}": 1.0 + 0.5 * k for k in range(1, 9)}
-    runs = {(0.7, "auto"): stats([(1, 1)] * 20 + [(2, 2)]), (0.7, 2): stats([(2, 2)] * 20 + [(2, 1)] * 20)}
-
+def run_rows(monkeypatch, runs, alphas, ks):
+    """run_shape on one repeat whose runs (configuration -> Stats) are given, each 1.5x plain, at COSTS."""
     def fake_repeat(shape, target, drafter, configs, auto, prompts, n_new, rep, res):
         res["kv_bytes_plain"] = res["kv_bytes_spec"] = 0
         return [10.0], {c: [15.0] for c in configs}, {c: [runs[c]] for c in configs}
@@ -86,13 +55,32 @@ def test_k_auto_limit_uses_every_run_at_its_alpha(monkeypatch):
     monkeypatch.setattr(run, "nbytes", lambda m: 1)
     monkeypatch.setattr(run, "one_repeat", fake_repeat)
     monkeypatch.setattr(run, "others_since", lambda start: 0.0)
-    monkeypatch.setattr(run, "step_costs", lambda *a, **k: costs)
-    res, _ = run.run_shape("x", alphas=[0.7], ks=[2], n_new=4, repeats=1, prompts=[[2, 3]])
-    auto = res["configs"]["alpha=0.7,K=auto"]
+    monkeypatch.setattr(run, "step_costs", lambda *a, **k: COSTS)
+    return run.run_shape("x", alphas=alphas, ks=ks, n_new=4, repeats=1, prompts=[[2, 3]])[0]["configs"]
+
+
+def test_k_auto_is_measured_against_the_best_k_plain_included(monkeypatch):
+    """A fixed-K row's limit is at its K; a K auto row's at the best K for its measured acceptance, which is plain
+    decoding (1.0) for a drafter that is never right."""
+    runs = {c: stats([(4, n)] * 20) for c, n in {(1.0, "auto"): 2, (0.0, "auto"): 0, (0.7, 4): 4}.items()}
+    rows = run_rows(monkeypatch, runs, alphas=[1.0, 0.0], ks=[4])
+    # auto: positions 1, 2 always right, 3 never: K = 1, 2, 3 give 2 / 1.6, 3 / 2.2, 3 / 2.8; K = 4 row: 5 / 3.4
+    assert np.isclose(rows["alpha=1.0,K=auto"]["limit"], 3 / 2.2)
+    assert np.isclose(rows["alpha=0.7,K=4"]["limit"], 5 / 3.4)
+    assert rows["alpha=0.0,K=auto"]["limit"] == 1.0
+    assert np.isclose(rows["alpha=0.0,K=auto"]["efficiency"], 1.5)
+
+
+def test_k_auto_limit_uses_every_run_at_its_alpha(monkeypatch):
+    """A position K auto reached once (accepted: 1.00) is priced at the rate of every run at that α (21 of 41), not
+    at its own one round."""
+    runs = {(0.7, "auto"): stats([(1, 1)] * 20 + [(2, 2)]), (0.7, 2): stats([(2, 2)] * 20 + [(2, 1)] * 20)}
+    rows = run_rows(monkeypatch, runs, alphas=[0.7], ks=[2])
+    auto = rows["alpha=0.7,K=auto"]
     assert auto["acceptance_by_position"] == [1.0, 1.0]  # its own rates, as the table shows them
     # pooled: position 1 61/61, position 2 21/41; K = 1: 2 / 1.6 beats K = 2: (2 + 21/41) / 2.2 (own rates: 3 / 2.2)
     assert np.isclose(auto["limit"], 2 / 1.6)
-    assert np.isclose(res["configs"]["alpha=0.7,K=2"]["limit"], (1 + 1 + 0.5) / 2.2)  # its own rates
+    assert np.isclose(rows["alpha=0.7,K=2"]["limit"], (1 + 1 + 0.5) / 2.2)  # its own rates
 
 
 def test_a_draft_is_timed_after_a_verify_as_in_a_round(monkeypatch):
