@@ -27,13 +27,10 @@ import numpy as np
 from gemma_mlx import _blas
 from gemma_mlx.batch import BatchDecoder
 from gemma_mlx.cache import TargetCache
-from gemma_mlx.config import DrafterConfig, TextConfig
-from gemma_mlx.drafter import Drafter
 from gemma_mlx.speculative import DraftLength
-from gemma_mlx.target import Target
 
 from .controlled import ControlledDrafter
-from .run import pyplot
+from .run import pair, pyplot
 
 S, F = "sliding_attention", "full_attention"
 COMMON = dict(vocab_size=32768, hidden_size=1024, num_hidden_layers=8, layer_types=[S, S, S, F] * 2,
@@ -44,18 +41,15 @@ TARGETS = {
     "moe": dict(intermediate_size=1024, enable_moe_block=True, num_experts=32, top_k_experts=4,
                 moe_intermediate_size=512),
 }
+# The drafters' hidden sizes give c (bench/run.py's drafter_cost) of the real pair each target stands for.
+DRAFTERS = {"dense": dict(hidden_size=56, real="31b-like"), "moe": dict(hidden_size=288, real="26b-a4b-like")}
 ALPHA, VERIFY_K = 0.7, 3
 
 
 def build(name: str, seed: int = 0):
-    """A random-weight target and a drafter for it (4 layers, d = 256: the real computation, random weights)."""
+    """A random-weight target and a drafter for it (4 layers: the real computation, random weights)."""
     mx.random.seed(seed)
-    cfg = TextConfig.from_dict({**COMMON, **TARGETS[name]})
-    text = dict(vocab_size=cfg.vocab_size, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                num_attention_heads=4, num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
-                global_head_dim=cfg.global_head_dim, layer_types=[S, S, S, F], sliding_window=cfg.sliding_window)
-    target = Target(cfg)
-    drafter = Drafter(DrafterConfig.from_dict(dict(text_config=text, backbone_hidden_size=cfg.hidden_size)))
+    target, drafter = pair({**COMMON, **TARGETS[name]}, dict(hidden_size=DRAFTERS[name]["hidden_size"]))
     mx.eval(target.parameters(), drafter.parameters())
     return target, drafter.bind(target)
 
@@ -132,7 +126,8 @@ def main(argv=None):
     report = dict(machine=dict(platform=platform.platform(), cpus=os.cpu_count(), blas=_blas.status,
                                load_average_at_start=os.getloadavg()),
                   settings=dict(dtype="fp32", alpha=ALPHA, draft_tokens="auto", new_tokens=args.tokens,
-                                repeats=args.repeats, targets={k: {**COMMON, **v} for k, v in TARGETS.items()}),
+                                repeats=args.repeats, targets={k: {**COMMON, **v} for k, v in TARGETS.items()},
+                                drafters=DRAFTERS),
                   decode={}, moe_verify_cost={})
     lines = ["| target | B | plain tok/s (CPU) | MTP tok/s (CPU) | speed-up | tokens/round | mean K |",
              "|---|---|---|---|---|---|---|"]

@@ -111,7 +111,7 @@ def pair_spec(shape: str) -> dict:
     if SHAPES[shape]["target"].get("enable_moe_block") or SHAPES[shape]["target"].get("num_kv_shared_layers"):
         raise ValueError(f"{shape}: the peers bench runs dense targets without kv sharing (31b-like)")
     target = {**COMMON, **SHAPES[shape]["target"]}
-    return dict(target=target, drafter=drafter_text(target))
+    return dict(target=target, drafter=drafter_text(target, hidden_size=SHAPES[shape]["drafter"]["hidden_size"]))
 
 
 def dummy_tokenizer(vocab: int) -> str:

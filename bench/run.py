@@ -37,46 +37,103 @@ from .controlled import ControlledDrafter
 from .quiet import mark, others_since, wait_quiet
 
 S, F = "sliding_attention", "full_attention"
+# Each shape's drafter is sized so that c = (parameters a drafter step reads) / (parameters a target decode step
+# reads) is its real pair's (REAL_PAIRS, within 10%: tests/test_bench_run.py). c, the verify cost and the acceptance
+# set MTP's speed-up; scaling the target down 5-140x while keeping the real drafter's 4 layers and d would price the
+# drafter 3-4x too high for E2B and 31B and too low for 26B-A4B.
 SHAPES = {
     "e2b-like": dict(target=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=16,
                                  layer_types=([S] * 3 + [F]) * 4, num_kv_shared_layers=8, use_double_wide_mlp=True,
                                  hidden_size_per_layer_input=64, vocab_size_per_layer_input=32768),
-                     drafter=dict(hidden_size=256, use_ordered_embeddings=True, num_centroids=256,
+                     drafter=dict(hidden_size=112, use_ordered_embeddings=True, num_centroids=256,
                                   centroid_intermediate_top_k=32)),
     "26b-a4b-like": dict(target=dict(hidden_size=1024, intermediate_size=1024, num_hidden_layers=12,
                                      layer_types=([S] * 5 + [F]) * 2, enable_moe_block=True, num_experts=64,
                                      top_k_experts=4, moe_intermediate_size=512, hidden_size_per_layer_input=0),
-                         drafter=dict(hidden_size=256, use_ordered_embeddings=False)),
+                         drafter=dict(hidden_size=368, use_ordered_embeddings=False)),
     "31b-like": dict(target=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=12,
                                  layer_types=([S] * 5 + [F]) * 2, attention_k_eq_v=True,
                                  num_global_key_value_heads=2, hidden_size_per_layer_input=0),
-                     drafter=dict(hidden_size=256, use_ordered_embeddings=False)),
+                     drafter=dict(hidden_size=80, use_ordered_embeddings=False)),
 }
 COMMON = dict(vocab_size=32768, num_attention_heads=8, num_key_value_heads=4, head_dim=128, global_head_dim=256,
               sliding_window=128, final_logit_softcapping=30.0)
+V = 262144
+REAL_PAIRS = {  # the hub's gemma-4-E2B / 26B-A4B / 31B text configs and their -assistant drafters' (d, I, heads)
+    "e2b-like": dict(target=dict(vocab_size=V, hidden_size=1536, intermediate_size=6144, num_hidden_layers=35,
+                                 layer_types=([S] * 4 + [F]) * 7, num_attention_heads=8, num_key_value_heads=1,
+                                 head_dim=256, global_head_dim=512, sliding_window=512, num_kv_shared_layers=20,
+                                 use_double_wide_mlp=True, hidden_size_per_layer_input=256,
+                                 vocab_size_per_layer_input=V),
+                     drafter=dict(hidden_size=256, intermediate_size=2048, num_attention_heads=4,
+                                  use_ordered_embeddings=True, num_centroids=2048, centroid_intermediate_top_k=32)),
+    "26b-a4b-like": dict(target=dict(vocab_size=V, hidden_size=2816, intermediate_size=2112, num_hidden_layers=30,
+                                     layer_types=([S] * 5 + [F]) * 5, num_attention_heads=16, num_key_value_heads=8,
+                                     num_global_key_value_heads=2, head_dim=256, global_head_dim=512,
+                                     sliding_window=1024, attention_k_eq_v=True, enable_moe_block=True,
+                                     num_experts=128, top_k_experts=8, moe_intermediate_size=704,
+                                     hidden_size_per_layer_input=0),
+                         drafter=dict(hidden_size=1024, intermediate_size=8192, num_attention_heads=16,
+                                      use_ordered_embeddings=False)),
+    "31b-like": dict(target=dict(vocab_size=V, hidden_size=5376, intermediate_size=21504, num_hidden_layers=60,
+                                 layer_types=([S] * 5 + [F]) * 10, num_attention_heads=32, num_key_value_heads=16,
+                                 num_global_key_value_heads=4, head_dim=256, global_head_dim=512, sliding_window=1024,
+                                 attention_k_eq_v=True, hidden_size_per_layer_input=0),
+                     drafter=dict(hidden_size=1024, intermediate_size=8192, num_attention_heads=32,
+                                  use_ordered_embeddings=False)),
+}
 
 
-def drafter_text(target: dict, hidden_size: int = 256, intermediate_size: int = 1024) -> dict:
-    """The assistant's text config for a target config dict: 4 layers [S, S, S, F], 4 heads, the target's KV
-    geometry and sliding window."""
-    return dict(vocab_size=target["vocab_size"], hidden_size=hidden_size, intermediate_size=intermediate_size,
-                num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=target["num_key_value_heads"],
+def drafter_text(target: dict, hidden_size: int = 256, intermediate_size: int | None = None,
+                 num_attention_heads: int = 4) -> dict:
+    """The assistant's text config for a target config dict: 4 layers [S, S, S, F], the target's KV geometry and
+    sliding window; the MLP 4x the hidden size unless given."""
+    return dict(vocab_size=target["vocab_size"], hidden_size=hidden_size,
+                intermediate_size=intermediate_size or 4 * hidden_size, num_hidden_layers=4,
+                num_attention_heads=num_attention_heads, num_key_value_heads=target["num_key_value_heads"],
                 head_dim=target["head_dim"], global_head_dim=target["global_head_dim"], layer_types=[S, S, S, F],
                 sliding_window=target["sliding_window"], attention_k_eq_v=target.get("attention_k_eq_v", False),
                 num_global_key_value_heads=target.get("num_global_key_value_heads"))
 
 
+def pair(target: dict, drafter: dict) -> tuple[Target, Drafter]:
+    """A target and its drafter from config dicts, with random weights, lazily (nothing is allocated until evaluated:
+    a real pair's shapes can be counted here)."""
+    d = dict(drafter)
+    text = drafter_text(target, **{k: d.pop(k) for k in ("hidden_size", "intermediate_size", "num_attention_heads")
+                                   if k in d})
+    tcfg = TextConfig.from_dict(target)
+    return Target(tcfg), Drafter(DrafterConfig.from_dict(dict(text_config=text, backbone_hidden_size=tcfg.hidden_size,
+                                                              **d)))
+
+
+def step_params(model) -> int:
+    """Parameters one decode step reads: a target's for one token (top-k of its experts; the PLE table is a row
+    lookup), a drafter's for one draft (with the centroid head, the k_c/C of its embedding rows it scores)."""
+    cfg, total = model.config, 0.0
+    for name, v in tree_flatten(model.parameters()):
+        if "embed_tokens_per_layer" in name or "token_ordering" in name:
+            continue
+        share = 1.0
+        if "switch_glu" in name:
+            share = cfg.top_k_experts / cfg.num_experts
+        elif name == "model.embed_tokens.weight" and getattr(cfg, "use_ordered_embeddings", False):
+            share = cfg.centroid_intermediate_top_k / cfg.num_centroids
+        total += v.size * share
+    return int(total)
+
+
+def drafter_cost(target, drafter) -> float:
+    """c: the parameters a drafter step reads over those a target decode step reads."""
+    return step_params(drafter) / step_params(target)
+
+
 def build(shape: str, seed: int = 0):
     """A random-weight target and its drafter (real computation, random weights)."""
     mx.random.seed(seed)
-    spec = SHAPES[shape]
-    tcfg = TextConfig.from_dict({**COMMON, **spec["target"]})
-    target = Target(tcfg)
-    d = dict(spec["drafter"])
-    text = drafter_text({**COMMON, **spec["target"]}, hidden_size=d.pop("hidden_size"))
-    drafter = Drafter(DrafterConfig.from_dict(dict(text_config=text, backbone_hidden_size=tcfg.hidden_size, **d)))
+    target, drafter = pair({**COMMON, **SHAPES[shape]["target"]}, SHAPES[shape]["drafter"])
     if drafter.config.use_ordered_embeddings:
-        perm = np.random.default_rng(seed).permutation(tcfg.vocab_size).astype(np.int32)
+        perm = np.random.default_rng(seed).permutation(target.config.vocab_size).astype(np.int32)
         drafter.masked_embedding.token_ordering = mx.array(perm)
     mx.eval(target.parameters(), drafter.parameters())
     return target, drafter.bind(target)
@@ -175,7 +232,8 @@ def run_shape(shape, alphas, ks, n_new, repeats, prompts, busy_cores=0.3, reruns
     """Alternating repeats (plain and speculative runs interleaved, so drift hits both); a repeat during which other
     processes used more than `busy_cores` cores is rerun (at most `reruns` times, then kept and counted busy)."""
     target, drafter = build(shape)
-    res = dict(shape=shape, target_bytes=nbytes(target), drafter_bytes=nbytes(drafter), configs={},
+    res = dict(shape=shape, target_bytes=nbytes(target), drafter_bytes=nbytes(drafter),
+               drafter_cost=drafter_cost(target, drafter), configs={},
                other_processes_cores=[], busy_repeats=0)
     configs = [(a, "auto") for a in alphas] + [(0.7, k) for k in ks]
     plain_tps, tps, acc = [], {c: [] for c in configs}, {c: [] for c in configs}
@@ -306,11 +364,14 @@ def main(argv=None):
         print(f"{shape}: {time.time() - t0:.0f}s")
     report = dict(machine=f"{platform.machine()} {os.cpu_count()} cores, CPU fp32", blas=_blas.status,
                   load_before=load_before, load_after=os.getloadavg()[0],
-                  peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, results=results)
+                  peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, results=results,
+                  real_drafter_cost={s: drafter_cost(*pair(**REAL_PAIRS[s])) for s in shapes})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "speed.json").write_text(json.dumps(report, indent=1))
     md = table(results)
-    mem = "\n".join(f"- {r['shape']}: drafter/target bytes {r['drafter_bytes'] / r['target_bytes']:.3f}, "
+    mem = "\n".join(f"- {r['shape']}: drafter/target bytes {r['drafter_bytes'] / r['target_bytes']:.3f}; c (drafter "
+                    f"step / target step parameters) {r['drafter_cost']:.4f}, real pair "
+                    f"{report['real_drafter_cost'][r['shape']]:.4f}; "
                     f"KV bytes plain {r['kv_bytes_plain']} vs with drafter {r['kv_bytes_spec']}" for r in results)
     quiet = "Quiet-machine check (cores used by other processes during each repeat; > " + \
         f"{args.busy_cores} reruns it, twice at most): " + "; ".join(

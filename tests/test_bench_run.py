@@ -1,10 +1,11 @@
 """bench/run.py: the quiet-machine check (a repeat measured while other processes were busy is rerun, and counted
-busy if it still is after the reruns), the limit each row's efficiency is measured against, and how the step costs
-behind it are timed."""
+busy if it still is after the reruns), the limit each row's efficiency is measured against, how the step costs
+behind it are timed, and the shapes' drafters priced as the real pairs'."""
 
 import numpy as np
+import pytest
 
-from bench import quiet, run
+from bench import batch, quiet, run
 
 
 def test_a_repeat_on_a_busy_machine_is_rerun(monkeypatch):
@@ -19,6 +20,7 @@ def test_a_repeat_on_a_busy_machine_is_rerun(monkeypatch):
 
     monkeypatch.setattr(run, "build", lambda shape: (object(), object()))
     monkeypatch.setattr(run, "nbytes", lambda m: 1)
+    monkeypatch.setattr(run, "drafter_cost", lambda target, drafter: 0.0)
     monkeypatch.setattr(run, "one_repeat", fake_repeat)
     monkeypatch.setattr(quiet, "busy_seconds", lambda: clock["busy"])
     monkeypatch.setattr(quiet, "own_cpu", lambda children: 0.0)
@@ -53,6 +55,7 @@ def run_rows(monkeypatch, runs, alphas, ks):
 
     monkeypatch.setattr(run, "build", lambda shape: (object(), object()))
     monkeypatch.setattr(run, "nbytes", lambda m: 1)
+    monkeypatch.setattr(run, "drafter_cost", lambda target, drafter: 0.0)
     monkeypatch.setattr(run, "one_repeat", fake_repeat)
     monkeypatch.setattr(run, "others_since", lambda start: 0.0)
     monkeypatch.setattr(run, "step_costs", lambda *a, **k: COSTS)
@@ -112,3 +115,30 @@ def test_a_draft_is_timed_after_a_verify_as_in_a_round(monkeypatch):
     monkeypatch.setattr(run.time, "perf_counter", lambda: clock["t"])
     costs = run.step_costs(target, Drafter(), [2, 3], ks=[1, 3])
     assert costs == {"plain": 11.0, "draft1": 2.0, "verify1": 12.0, "draft3": 6.0, "verify3": 14.0}
+
+
+def test_step_params_are_what_the_real_models_are_named_for():
+    """Built lazily at full size (nothing allocated): a decode step of 31B reads ~31B parameters, of 26B-A4B ~4B
+    (8 of its 128 experts), of E2B ~2.3B (its 2.3B PLE table is a row lookup, not read)."""
+    steps = {shape: [run.step_params(m) for m in run.pair(**real)] for shape, real in run.REAL_PAIRS.items()}
+    assert 30e9 < steps["31b-like"][0] < 32e9
+    assert 3.5e9 < steps["26b-a4b-like"][0] < 4.5e9
+    assert 2.0e9 < steps["e2b-like"][0] < 2.6e9
+    assert steps["e2b-like"][1] < 20e6  # the centroid head scores 32 of 2048 buckets: 1/64 of the 67M-row table
+    assert 0.3e9 < steps["31b-like"][1] < 0.6e9  # d 1024 with the whole 262144-row head
+
+
+@pytest.mark.parametrize("shape", list(run.SHAPES) + [f"batch-{t}" for t in batch.TARGETS])
+def test_each_bench_drafter_costs_what_its_real_pair_does(shape):
+    """c = drafter step / target step parameters within 10% of the real pair's, so the bench prices drafting as
+    the real models would."""
+    if shape.startswith("batch-"):
+        name = shape.removeprefix("batch-")
+        target, drafter = run.pair({**batch.COMMON, **batch.TARGETS[name]},
+                                   dict(hidden_size=batch.DRAFTERS[name]["hidden_size"]))
+        real = batch.DRAFTERS[name]["real"]
+    else:
+        target, drafter = run.pair({**run.COMMON, **run.SHAPES[shape]["target"]}, run.SHAPES[shape]["drafter"])
+        real = shape
+    c, c_real = run.drafter_cost(target, drafter), run.drafter_cost(*run.pair(**run.REAL_PAIRS[real]))
+    assert abs(c / c_real - 1) < 0.10, (c, c_real)
