@@ -39,8 +39,8 @@ from .quiet import mark, others_since, wait_quiet
 S, F = "sliding_attention", "full_attention"
 # Each shape's drafter is sized so that c = (parameters a drafter step reads) / (parameters a target decode step
 # reads) is its real pair's (REAL_PAIRS, within 10%: tests/test_bench_run.py). c, the verify cost and the acceptance
-# set MTP's speed-up; scaling the target down 5-140x while keeping the real drafter's 4 layers and d would price the
-# drafter 3-4x too high for E2B and 31B and too low for 26B-A4B.
+# set MTP's speed-up; the targets are 6-140x smaller than the real ones, and the d = 256 drafters this bench had
+# before priced drafting 3.2x / 4.0x too high on E2B / 31B and 0.65x as high on 26B-A4B.
 SHAPES = {
     "e2b-like": dict(target=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=16,
                                  layer_types=([S] * 3 + [F]) * 4, num_kv_shared_layers=8, use_double_wide_mlp=True,
