@@ -142,12 +142,14 @@ class Stats:
                     decode_seconds=self.decode_seconds)
 
 
-def shrunk(hits: np.ndarray, tries: np.ndarray, prior: float, weight: float) -> np.ndarray:
-    """Acceptance by draft position, each estimate shrunk with `weight` rounds towards the previous position's (the
-    first towards `prior`): a position seldom or never reached is taken to be like the one before it."""
+def shrunk(hits: np.ndarray, tries: np.ndarray, prior: float, first_weight: float, weight: float) -> np.ndarray:
+    """Acceptance by draft position, the first estimate shrunk with `first_weight` rounds towards `prior`, each later
+    one with `weight` rounds towards the previous position's: a position seldom or never reached is taken to be like
+    the one before it."""
     a = np.empty(len(hits))
     for j in range(len(hits)):
-        a[j] = prior = (hits[j] + weight * prior) / (tries[j] + weight)
+        w = first_weight if j == 0 else weight
+        a[j] = prior = (hits[j] + w * prior) / (tries[j] + w)
     return a
 
 
@@ -175,7 +177,9 @@ class DraftLength:
     """
 
     PRIOR = 0.6  # acceptance at the first position before any round (with the weight of one round)
-    ROW_PRIOR = 4.0  # weight, in rounds, of the prior in a row's acceptance estimate at each position
+    DEPTH_WEIGHT = 4.0  # weight, in rounds, of the previous position's estimate in a deeper position's (and, for a
+    # batch row, of the pooled rate in its first position's): deep positions are reached in few rounds, and a rate
+    # from a handful of them swings K on a CPU, where K = 4…7 cost about the same
 
     def __init__(self, fixed: int | None = None, k_max: int = 7, start: int = 1, probe_every: int = 32):
         if fixed is not None and not 0 <= fixed <= K_MAX:
@@ -222,14 +226,15 @@ class DraftLength:
 
     def best(self, rows: list | None = None, room: list | None = None) -> int:
         ks = np.arange(self.k_max + 1)
-        pooled = shrunk(self.hits[: self.k_max], self.tries[: self.k_max], self.PRIOR, 1.0)
+        pooled = shrunk(self.hits[: self.k_max], self.tries[: self.k_max], self.PRIOR, 1.0, self.DEPTH_WEIGHT)
         if rows is None:
             expected = 1 + np.concatenate([[0.0], np.cumsum(np.cumprod(pooled))])
         else:
             expected = np.zeros(len(ks))
             for i, stats in enumerate(rows):
                 a = shrunk(np.asarray(stats.accepted_by_position[: self.k_max], float),
-                           np.asarray(stats.attempted_by_position[: self.k_max], float), pooled[0], self.ROW_PRIOR)
+                           np.asarray(stats.attempted_by_position[: self.k_max], float), pooled[0],
+                           self.DEPTH_WEIGHT, self.DEPTH_WEIGHT)
                 reach = np.concatenate([[1.0], np.cumprod(a)])  # P(at least j drafts accepted)
                 cap = (room[i] if room is not None else len(ks)) - 1  # the row emits at most room tokens
                 expected += np.cumsum(np.where(ks <= cap, reach, 0.0))

@@ -231,6 +231,29 @@ def test_auto_draft_length_probes_less_often_while_probes_fail():
     assert all(k > 0 for k in ks[-30:])
 
 
+# round milliseconds at each K (a plain step, then K draft steps + a verify of K+1) measured on the 31b-like bench
+# shape with OpenBLAS (bench/results/speed.json): past K = 3 a deeper draft costs little more than its draft steps
+FLAT_DEEP = [90.6, 97.8, 107.9, 118.2, 122.5, 124.6, 128.1, 131.7]
+
+
+@pytest.mark.parametrize("alpha, share", [(0.6, 0.97), (0.7, 0.985)])
+def test_auto_draft_length_keeps_deep_drafts_where_depth_is_cheap(alpha, share):
+    """On that curve K = 6–7 pay best and K = 3–4 pay 5–10% less. Deep positions are reached in few rounds: the
+    rates from a handful of them must not talk auto K out of them (with the deep estimates shrunk towards the
+    previous position's with the weight of one round, auto K's choices got 0.963 / 0.975 of the best's gain)."""
+    gain = [sum(alpha**j for j in range(k + 1)) / FLAT_DEEP[k] for k in range(8)]  # E(K) / T(K), true α
+    chosen = []
+    for seed in range(40):
+        rng, draft = np.random.default_rng(seed), DraftLength()
+        for r in range(180):
+            k = draft.choose()
+            n = int(np.argmin(np.append(rng.random(k) < alpha, False)))  # drafts accepted: leading successes
+            draft.update(k, n, FLAT_DEEP[k] * (1 + 0.05 * rng.standard_normal()) / 1e3)
+            if r >= 20:  # after the warm-up
+                chosen.append(gain[k] / max(gain))
+    assert np.mean(chosen) >= share
+
+
 class Slow:
     """A model whose calls cost `seconds` more (host time, in the round's time): fixed costs of any size."""
 
