@@ -1,7 +1,11 @@
 """A drafter of controlled acceptance, for tests and benchmarks only (never on the product path).
 
 It runs the real drafter's full computation, then with probability alpha replaces each draft by the target's
-recorded greedy continuation (so a draft is right with probability ≈ alpha, whatever the random weights).
+recorded greedy continuation (so a draft is right with probability ≈ alpha, whatever the random weights). The coin is
+tossed once per row and position, not per draft: a position guessed again (in the next round, or by a run at another
+K) is right again or wrong again, as a real drafter is right or wrong on the same tokens whatever K. Runs of one seed
+at different K (or K auto) then see text of the same difficulty and compare pairwise, instead of each drawing its
+own luck (over 96 tokens, ±15% in tokens per round).
 """
 
 from __future__ import annotations
@@ -14,8 +18,8 @@ class ControlledDrafter:
     def __init__(self, drafter, references, alpha: float, seed: int = 0):
         """references[b]: row b's full greedy sequence (prompt + continuation), indexed by position; or a
         callable returning that list for the rows of the current batch (rows join and leave)."""
-        self.drafter, self.alpha, self.references = drafter, alpha, references
-        self.rng = np.random.default_rng(seed)
+        self.drafter, self.alpha, self.references, self.seed = drafter, alpha, references, seed
+        self.coins: dict[int, np.ndarray] = {}  # row -> a uniform number per position
 
     def draft(self, x, g, cache, k):
         drafts = self.drafter.draft(x, g, cache, k)
@@ -25,8 +29,15 @@ class ControlledDrafter:
         pos = cache.lengths[:, None] + 1 + np.arange(k)[None, :]
         refs = self.references() if callable(self.references) else self.references
         ref = np.stack([np.asarray(r)[np.minimum(p, len(r) - 1)] for r, p in zip(refs, pos)])
-        forced = self.rng.random(ref.shape) < self.alpha
+        forced = np.stack([self.row_coins(b, p[-1] + 1)[p] for b, p in enumerate(pos)]) < self.alpha
         return mx.where(mx.array(forced), mx.array(ref.astype(np.uint32)), drafts.astype(mx.uint32))
+
+    def row_coins(self, row: int, length: int) -> np.ndarray:
+        """Row `row`'s coins for positions 0…length-1 (a longer draw of the same seed extends a shorter one)."""
+        if len(self.coins.get(row, ())) < length:
+            grown = max(length, 2 * len(self.coins.get(row, ())), 256)
+            self.coins[row] = np.random.default_rng([self.seed, row]).random(grown)
+        return self.coins[row]
 
     def __getattr__(self, name):  # everything else (config, bind, ...) is the real drafter's
         return getattr(self.drafter, name)

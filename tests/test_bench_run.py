@@ -142,3 +142,33 @@ def test_each_bench_drafter_costs_what_its_real_pair_does(shape):
         real = shape
     c, c_real = run.drafter_cost(target, drafter), run.drafter_cost(*run.pair(**run.REAL_PAIRS[real]))
     assert abs(c / c_real - 1) < 0.10, (c, c_real)
+
+
+def test_controlled_drafts_are_right_on_the_same_positions_whatever_k():
+    """The coin is per row and position: runs at different K (or a position guessed again next round) find the same
+    positions right, so their speeds compare pairwise; over many positions a fraction ≈ α is right."""
+    import mlx.core as mx
+
+    from bench.controlled import ControlledDrafter
+
+    class Wrong:  # a drafter that always proposes token 0
+        def draft(self, x, g, cache, k):
+            return mx.zeros((len(cache.lengths), k), mx.uint32)
+
+    class Cache:
+        def __init__(self, lengths):
+            self.lengths = np.array(lengths)
+
+    reference = list(range(1, 5001))  # token at position p is p + 1, never 0
+
+    def right(drafter, at, k):  # which of the k positions after `at` row 0 is drafted right on
+        return np.array(drafter.draft(None, None, Cache([at, at]), k))[0] > 0
+
+    a, b = (ControlledDrafter(Wrong(), [reference] * 2, 0.7, seed=5) for _ in range(2))
+    for at in (10, 11, 57):
+        assert (right(a, at, 7)[:3] == right(b, at, 3)).all()
+    assert (right(a, 20, 4)[1:] == right(a, 21, 3)).all()  # guessed again in the next round: the same outcome
+    many = np.concatenate([right(a, at, 8) for at in range(0, 4000, 8)])
+    assert abs(many.mean() - 0.7) < 0.03
+    both = np.stack([np.array(a.draft(None, None, Cache([at, at]), 8)) > 0 for at in range(0, 800, 8)])
+    assert (both[:, 0] != both[:, 1]).any()  # each row tosses its own coins
