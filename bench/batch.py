@@ -46,10 +46,15 @@ DRAFTERS = {"dense": dict(hidden_size=56, real="31b-like"), "moe": dict(hidden_s
 ALPHA, VERIFY_K = 0.7, 3
 
 
+def target_configs(name: str) -> tuple[dict, dict]:
+    """The target's and the drafter's config for `pair`."""
+    return {**COMMON, **TARGETS[name]}, dict(hidden_size=DRAFTERS[name]["hidden_size"])
+
+
 def build(name: str, seed: int = 0):
     """A random-weight target and a drafter for it (4 layers: the real computation, random weights)."""
     mx.random.seed(seed)
-    target, drafter = pair({**COMMON, **TARGETS[name]}, dict(hidden_size=DRAFTERS[name]["hidden_size"]))
+    target, drafter = pair(*target_configs(name))
     mx.eval(target.parameters(), drafter.parameters())
     return target, drafter.bind(target)
 

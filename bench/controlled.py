@@ -33,11 +33,16 @@ class ControlledDrafter:
         return mx.where(mx.array(forced), mx.array(ref.astype(np.uint32)), drafts.astype(mx.uint32))
 
     def row_coins(self, row: int, length: int) -> np.ndarray:
-        """Row `row`'s coins for positions 0…length-1 (a longer draw of the same seed extends a shorter one)."""
         if len(self.coins.get(row, ())) < length:
-            grown = max(length, 2 * len(self.coins.get(row, ())), 256)
-            self.coins[row] = np.random.default_rng([self.seed, row]).random(grown)
+            self.coins[row] = position_coins(self.seed, row, max(length, 2 * len(self.coins.get(row, ())), 256))
         return self.coins[row]
 
     def __getattr__(self, name):  # everything else (config, bind, ...) is the real drafter's
         return getattr(self.drafter, name)
+
+
+def position_coins(seed: int, row: int, length: int) -> np.ndarray:
+    """A uniform number for each position 0…length-1 of row `row` in a run of `seed`; a draft there is right iff its
+    number is below α (a longer draw extends a shorter one). bench/peers.py forces mlx-lm's and mlx-vlm's drafts with
+    the same numbers, so the three see the same positions right."""
+    return np.random.default_rng([seed, row]).random(length)

@@ -302,19 +302,21 @@ def small_draft(model, seed: int = 1):
 
 class ForcedDraftModel:
     """Around an mlx-lm draft model: with probability alpha per drafted position, the logits are overridden so the
-    draft's greedy pick is the target's greedy token there (the idea of bench/controlled.py). The position a call
-    predicts is its cache's length after the call."""
+    draft's greedy pick is the target's greedy token there (bench/controlled.py's idea, with its coins). The position
+    a call predicts is its cache's length after the call."""
 
     def __init__(self, model, reference, alpha, seed):
+        from .controlled import position_coins
+
         self.model, self.reference, self.alpha = model, reference, alpha
-        self.rng = np.random.default_rng(seed)
+        self.coins = position_coins(seed, 0, len(reference))
 
     def __call__(self, inputs, cache=None, **kw):
         import mlx.core as mx
 
         logits = self.model(inputs, cache=cache, **kw)
         pos = cache[0].offset
-        if self.rng.random() < self.alpha and pos < len(self.reference):
+        if pos < len(self.reference) and self.coins[pos] < self.alpha:
             hit = mx.arange(logits.shape[-1]) == self.reference[pos]
             last = mx.where(hit, mx.array(1e4, logits.dtype), logits[:, -1:, :])
             logits = mx.concatenate([logits[:, :-1, :], last], axis=1)
@@ -417,17 +419,21 @@ class MlxVlm:
         return Run(toks, seconds, cache_bytes(cache), len(accepted), int(sum(d.draft_lens)), sum(accepted))
 
     def _forced(self, reference, alpha, seed):
-        """mlx-vlm's `draft_block`, then with probability alpha per position the target's greedy token: the last
-        bonus token sits at position `_kv_offset`, draft j guesses position `_kv_offset` + 1 + j."""
+        """mlx-vlm's `draft_block`, then with probability alpha per position (bench/controlled.py's coins) the
+        target's greedy token: the last bonus token sits at position `_kv_offset`, draft j guesses position
+        `_kv_offset` + 1 + j."""
         import mlx.core as mx
 
-        d, rng, ref = self.draft, np.random.default_rng(seed), np.asarray(reference)
+        from .controlled import position_coins
+
+        d, ref = self.draft, np.asarray(reference)
+        coins = position_coins(seed, 0, len(ref))
         real = type(d).draft_block
 
         def draft_block(last_bonus, hidden, cache, block_size, sampler, token_dtype=mx.int32, greedy=False):
             drafts = real(d, last_bonus, hidden, cache, block_size, sampler, token_dtype, greedy=greedy)
             pos = np.minimum(d._kv_offset + 1 + np.arange(block_size - 1), len(ref) - 1)
-            forced = rng.random(block_size - 1) < alpha
+            forced = coins[pos] < alpha
             return mx.where(mx.array(forced)[None], mx.array(ref[pos][None]).astype(drafts.dtype), drafts)
 
         return draft_block

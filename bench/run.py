@@ -128,10 +128,15 @@ def drafter_cost(target, drafter) -> float:
     return step_params(drafter) / step_params(target)
 
 
+def shape_configs(shape: str) -> tuple[dict, dict]:
+    """The target's and the drafter's config for `pair`."""
+    return {**COMMON, **SHAPES[shape]["target"]}, SHAPES[shape]["drafter"]
+
+
 def build(shape: str, seed: int = 0):
     """A random-weight target and its drafter (real computation, random weights)."""
     mx.random.seed(seed)
-    target, drafter = pair({**COMMON, **SHAPES[shape]["target"]}, SHAPES[shape]["drafter"])
+    target, drafter = pair(*shape_configs(shape))
     if drafter.config.use_ordered_embeddings:
         perm = np.random.default_rng(seed).permutation(target.config.vocab_size).astype(np.int32)
         drafter.masked_embedding.token_ordering = mx.array(perm)

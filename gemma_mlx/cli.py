@@ -156,6 +156,40 @@ HELP = """commands:
   /exit             quit (Ctrl-D works too; Ctrl-C stops a reply)"""
 
 
+class CtrlC:
+    """Ctrl-C in the chat: a KeyboardInterrupt at once (it stops a prefill, or the line being typed), and a request
+    the reply loop also checks after each piece. Python drops a KeyboardInterrupt raised while a finalizer runs
+    (printing "Exception ignored in"); the request is not dropped with it. Installed even when the parent process
+    started us with SIGINT ignored (Python then keeps it so)."""
+
+    def __init__(self):
+        self.pressed = False
+        signal.signal(signal.SIGINT, self.handler)
+
+    def handler(self, signum, frame):
+        self.pressed = True
+        raise KeyboardInterrupt
+
+
+def stream_reply(engine, messages: list, ctrl_c: CtrlC, **kwargs):
+    """Print a reply as it streams; (text, stats of the last piece or None). Ctrl-C stops it, keeping the text."""
+    import gemma_mlx
+
+    ctrl_c.pressed = False
+    reply, stats = "", None
+    try:
+        for piece in gemma_mlx.stream_generate(engine, messages, **kwargs):
+            out.print(piece.text, end="")
+            reply += piece.text
+            stats = piece.stats
+            if ctrl_c.pressed:  # its KeyboardInterrupt was dropped on the way
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        out.print("[dim] \\[stopped][/dim]", end="")
+    out.print()
+    return reply, stats
+
+
 @app.command()
 @user_errors
 def chat(
@@ -169,13 +203,10 @@ def chat(
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
 ):
     """Chat in the terminal, with streaming, multi-turn prompt-cache reuse and a speed line after each reply."""
-    import gemma_mlx
-
     draft = parse_draft(draft_tokens)
     check_sampling(temp, top_p, max_tokens)
     engine = load_engine(model, drafter)
-    # Ctrl-C stops a reply even when the parent process started us with SIGINT ignored (Python then keeps it so)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    ctrl_c = CtrlC()
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
@@ -228,16 +259,9 @@ def chat(
                 out.print(f"[red]unknown command {command}[/red] (/help lists them)")
             continue
         messages.append({"role": "user", "content": text})
-        reply = ""
-        try:
-            for piece in gemma_mlx.stream_generate(engine, messages, max_tokens=max_tokens, temperature=temp,
-                                                   top_p=top_p, draft_tokens=draft):
-                out.print(piece.text, end="")
-                reply += piece.text
-                last = piece.stats
-        except KeyboardInterrupt:
-            out.print("[dim] \\[stopped][/dim]", end="")
-        out.print()
+        reply, stats = stream_reply(engine, messages, ctrl_c, max_tokens=max_tokens, temperature=temp, top_p=top_p,
+                                    draft_tokens=draft)
+        last = stats or last
         messages.append({"role": "assistant", "content": reply})
         if last:
             out.print(f"[dim]{status_line(last)}[/dim]")

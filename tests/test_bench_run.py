@@ -134,11 +134,10 @@ def test_each_bench_drafter_costs_what_its_real_pair_does(shape):
     the real models would."""
     if shape.startswith("batch-"):
         name = shape.removeprefix("batch-")
-        target, drafter = run.pair({**batch.COMMON, **batch.TARGETS[name]},
-                                   dict(hidden_size=batch.DRAFTERS[name]["hidden_size"]))
+        target, drafter = run.pair(*batch.target_configs(name))
         real = batch.DRAFTERS[name]["real"]
     else:
-        target, drafter = run.pair({**run.COMMON, **run.SHAPES[shape]["target"]}, run.SHAPES[shape]["drafter"])
+        target, drafter = run.pair(*run.shape_configs(shape))
         real = shape
     c, c_real = run.drafter_cost(target, drafter), run.drafter_cost(*run.pair(**run.REAL_PAIRS[real]))
     assert abs(c / c_real - 1) < 0.10, (c, c_real)

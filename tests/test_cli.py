@@ -110,3 +110,35 @@ def test_generate_batch_from_a_prompts_file_matches_one_by_one(tiny, tmp_path):
     single = [json.loads(line) for line in runner.invoke(app, base).stdout.splitlines()]
     assert len(batched) == len(single) == 3
     assert [b["tokens"] for b in batched] == [s["tokens"] for s in single]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_ctrl_c_whose_keyboardinterrupt_python_drops_still_stops_the_reply(monkeypatch):
+    """A KeyboardInterrupt raised while a finalizer runs is printed ("Exception ignored in") and dropped by Python;
+    the Ctrl-C it came from must stop the reply all the same (the chat once streamed on after a Ctrl-C)."""
+    import os
+    import signal
+    import time
+
+    import gemma_mlx
+    from gemma_mlx import cli
+    from gemma_mlx.generate import Piece
+
+    class Finalized:
+        def __del__(self):  # Ctrl-C lands while this runs: the KeyboardInterrupt is raised in here
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
+
+    def endless(engine, messages, **kwargs):
+        for i in range(2000):
+            if i == 3:
+                Finalized()  # collected at once
+            yield Piece(f"w{i} ", [i], None, None)
+
+    monkeypatch.setattr(gemma_mlx, "stream_generate", endless)
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        text, _ = cli.stream_reply(None, [], cli.CtrlC())
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert text == "w0 w1 w2 w3 "
