@@ -11,7 +11,8 @@ does differently from a Hugging Face checkpoint, and what is done about it:
 - the config is metadata (`gemma3.*`); what llama.cpp hard-codes for Gemma 3 rather than stores (sliding pattern 6,
   local RoPE base 10k, query_pre_attn_scalar) falls back to the same values, through Gemma3Config's HF defaults;
 - there is no tokenizer.json: one is built from the vocabulary (tokenizer.ggml.tokens / token_type) as a
-  SentencePiece-style BPE with byte fallback, with tokenizer_config.json (bos/eos, add_bos, chat template if any).
+  SentencePiece-style BPE with byte fallback, with tokenizer_config.json (bos/eos, add_bos, and the file's chat
+  template; a Gemma 3 file without one, like Google's base checkpoints, gets Gemma 3's turn template, GEMMA3_CHAT).
 The output is written into a temp dir and renamed at the end (writer.atomic_dir).
 """
 
@@ -52,6 +53,40 @@ NAMES = {
     "post_ffw_norm": "post_feedforward_layernorm",
 }
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # llama.cpp token types
+
+
+# Gemma 3's chat template (Google's tokenizer_config.json; llama.cpp's GEMMA3_CHAT_TEMPLATE): the system prompt goes
+# into the first user turn, the assistant's role is "model", every turn ends with <end_of_turn>.
+GEMMA3_CHAT = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- if messages[0]['content'] is string -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- else -%}"
+    "{%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}"
+    "{%- endif -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set first_user_prefix = '' -%}"
+    "{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif -%}"
+    "{%- if (message['role'] == 'assistant') -%}{%- set role = 'model' -%}"
+    "{%- else -%}{%- set role = message['role'] -%}{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
+    "{%- elif message['content'] is iterable -%}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- else -%}{{ raise_exception('Invalid content type') }}{%- endif -%}"
+    "{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
 
 
 class GGUFError(ValueError):
@@ -297,6 +332,8 @@ def build_tokenizer(meta: dict):
                   model_max_length=meta.get("gemma3.context_length", 131_072))
     if meta.get("tokenizer.chat_template"):
         config["chat_template"] = meta["tokenizer.chat_template"]
+    elif meta.get("general.architecture") == "gemma3" and {"<start_of_turn>", "<end_of_turn>"} <= set(tokens):
+        config["chat_template"] = GEMMA3_CHAT
     return tok, config
 
 

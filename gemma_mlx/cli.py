@@ -103,6 +103,21 @@ def load_engine(model: Optional[str], drafter: Optional[str]):
     return engine
 
 
+DEMO_ID = "gemma-3-270m-demo"
+
+
+def demo_engine(model: Optional[str] = None, drafter: Optional[str] = None):
+    """The demo pair (Gemma 3 270M + its distilled drafter), for --demo."""
+    from . import demo
+
+    if model or drafter:
+        raise UserError("--demo runs the demo pair: give it without --model / --drafter")
+    try:
+        return demo.load_pair()
+    except demo.DemoError as e:
+        raise UserError(str(e)) from None
+
+
 def parse_draft(value: str):
     if value == "auto":
         return "auto"
@@ -201,11 +216,15 @@ def chat(
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold."),
     max_tokens: int = typer.Option(1024, "--max-tokens", help="Longest reply, in tokens."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+    demo: bool = typer.Option(False, "--demo", help="Chat with the demo pair (Gemma 3 270M + its distilled "
+                              "drafter; `make demo` installs it)."),
 ):
     """Chat in the terminal, with streaming, multi-turn prompt-cache reuse and a speed line after each reply."""
     draft = parse_draft(draft_tokens)
     check_sampling(temp, top_p, max_tokens)
-    engine = load_engine(model, drafter)
+    engine = demo_engine(model, drafter) if demo else load_engine(model, drafter)
+    if not getattr(engine.tokenizer, "chat_template", None):
+        raise UserError("this checkpoint has no chat template, so it cannot chat: use `gemma-mlx generate --raw`")
     ctrl_c = CtrlC()
     try:
         import readline  # noqa: F401  (line editing and history for input())
@@ -286,25 +305,27 @@ def generate(
                                        "or feed them raw."),
     batch_size: int = typer.Option(1, "--batch-size", "-b", help="Prompts decoded together (batch mode)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per prompt on stdout (text, tokens, stats)."),
-    demo: bool = typer.Option(False, "--demo", help="Run the demo pair (Gemma 3 270M + its distilled drafter)."),
+    demo: bool = typer.Option(False, "--demo", help="The demo pair (Gemma 3 270M + its distilled drafter): each "
+                              "prompt greedy with MTP and without, compared [default prompts: 4 built-in ones, "
+                              "64 tokens]."),
+    repeats: int = typer.Option(2, "--repeats", help="With --demo: runs of each prompt, alternating MTP and plain."),
 ):
     """Generate once: text on stdout, stats on stderr (or --json for scripts)."""
     import gemma_mlx
 
-    if demo:
-        return run_demo(max_tokens if max_tokens != 256 else 64, [prompt] if prompt else None)
-    if (prompt is None) == (prompts_file is None):
-        raise UserError("give exactly one of --prompt and --prompts-file")
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    if demo:
+        if repeats < 1:
+            raise UserError(f"--repeats must be >= 1, got {repeats}")
+        check_sampling(temp, top_p, max_tokens)
+        prompts = None if prompt is None and prompts_file is None else read_prompts(prompt, prompts_file)
+        return run_demo(max_tokens if max_tokens != 256 else 64, prompts, chat_template, repeats, as_json)
+    if (prompt is None) == (prompts_file is None):
+        raise UserError("give exactly one of --prompt and --prompts-file")
     draft = parse_draft(draft_tokens)
     check_sampling(temp, top_p, max_tokens)
-    if prompts_file is not None:
-        if not prompts_file.is_file():
-            raise UserError(f"{prompts_file}: no such file")
-        prompts = [line for line in prompts_file.read_text().splitlines() if line.strip()]
-    else:
-        prompts = [prompt]
+    prompts = read_prompts(prompt, prompts_file)
     engine = load_engine(model, drafter)
     inputs = [[{"role": "user", "content": p}] if chat_template else p for p in prompts]
     kwargs = dict(max_tokens=max_tokens, temperature=temp, top_p=top_p, draft_tokens=draft, seed=seed)
@@ -325,34 +346,63 @@ def generate(
             err.print(f"[dim]{status_line(r.stats)}[/dim]")
 
 
-def run_demo(max_tokens: int, prompts: Optional[list] = None):
-    """Gemma 3 270M with its distilled drafter: each prompt with MTP and without, then the comparison table."""
+def read_prompts(prompt: Optional[str], prompts_file: Optional[Path]) -> list[str]:
+    if prompts_file is None:
+        return [prompt]
+    if prompt is not None:
+        raise UserError("give exactly one of --prompt and --prompts-file")
+    if not prompts_file.is_file():
+        raise UserError(f"{prompts_file}: no such file")
+    prompts = [line for line in prompts_file.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise UserError(f"{prompts_file}: no prompts in it (one per line)")
+    return prompts
+
+
+def run_demo(max_tokens: int, texts: Optional[list], chat_template: bool, repeats: int, as_json: bool):
+    """Gemma 3 270M with its distilled drafter: each prompt with MTP and without (`repeats` alternating runs), then
+    the comparison table, or with --json one object per prompt."""
+    import statistics
+
     from . import demo
 
-    try:
-        engine = demo.load_pair()
-    except demo.DemoError as e:
-        raise UserError(str(e)) from None
-    prompts = prompts or demo.PROMPTS[:2]
+    engine = demo_engine()
+    group = "chat" if chat_template else "prose"
+    prompts = demo.by_label(demo.DEMO) if texts is None else [
+        demo.Prompt(f"prompt {i + 1}", t, group) for i, t in enumerate(texts)]
     err.print(f"[dim]demo pair: Gemma 3 270M ({demo.target_path().name}, fp32) + {demo.DRAFTER.name}; "
-              f"{len(prompts)} prompts × {max_tokens} tokens, greedy[/dim]")
+              f"{len(prompts)} prompts × {max_tokens} tokens, greedy, {repeats} alternating runs each[/dim]")
 
     def show(c):
-        out.print(f"[bold]{c.prompt}[/bold]{c.text}\n")
+        if as_json:
+            out.print_json(json.dumps(c.as_dict()), indent=None)
+        else:
+            shown = c.prompt.text if c.prompt.group != "chat" else f"{c.prompt.text}\n"
+            out.print(f"[bold]{shown}[/bold]{c.text}\n")
 
-    results = demo.compare(engine, prompts, max_tokens=max_tokens, on_result=show)
-    table = Table(title="MTP vs plain decoding (same weights, CPU figures)" if _on_cpu() else
-                  "MTP vs plain decoding (same weights)")
-    for col in ("prompt", "plain tok/s", "MTP tok/s", "speed-up", "tokens/round", "identical"):
-        table.add_column(col)
-    for c in results:
-        table.add_row(c.prompt[:32].replace("\n", " "), f"{c.plain_tps[0]:.1f}", f"{c.mtp_tps[0]:.1f}",
-                      f"{c.speedup:.2f}x", f"{c.accepted_length[0]:.2f}", "yes" if c.identical else "[red]NO[/red]")
-    out.print(table)
-    acc = demo.acceptance_by_position(results)
-    out.print("acceptance by draft position: " + " ".join(f"{a:.2f}" for a in acc))
+    results = demo.compare(engine, prompts, max_tokens=max_tokens, repeats=repeats, on_result=show)
+    if not as_json:
+        out.print(demo_table(results))
+        speedups = [c.speedup for c in results]
+        out.print(f"median speed-up {statistics.median(speedups):.2f}x; acceptance by draft position: "
+                  + " ".join(f"{a:.2f}" for a in demo.acceptance_by_position(results)))
     if not all(c.identical for c in results):
         fail("MTP output differs from plain greedy decoding (a bug: please report it)")
+
+
+def demo_table(results) -> Table:
+    """One row per prompt, medians of its runs; fits 100 columns."""
+    import statistics
+
+    table = Table(title="MTP vs plain decoding (same weights, CPU figures)" if _on_cpu() else
+                  "MTP vs plain decoding (same weights)")
+    for col in ("prompt", "kind", "plain tok/s", "MTP tok/s", "speed-up", "tokens/round", "identical"):
+        table.add_column(col, justify="left" if col in ("prompt", "kind") else "right")
+    for c in results:
+        table.add_row(c.prompt.label[:16], c.prompt.group, f"{statistics.median(c.plain_tps):.1f}",
+                      f"{statistics.median(c.mtp_tps):.1f}", f"{c.speedup:.2f}x",
+                      f"{statistics.median(c.accepted_length):.2f}", "yes" if c.identical else "[red]NO[/red]")
+    return table
 
 
 def _on_cpu() -> bool:
@@ -447,6 +497,7 @@ def serve(
     port: int = typer.Option(8080, "--port", help="Port."),
     max_batch: int = typer.Option(8, "--max-batch", help="Most requests decoded together."),
     draft_tokens: str = typer.Option("auto", "--draft-tokens", "-k", help="Drafted tokens per round: N or auto."),
+    demo: bool = typer.Option(False, "--demo", help=f"Serve the demo pair as model {DEMO_ID!r}."),
 ):
     """An OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /health); concurrent
     requests share batched MTP rounds."""
@@ -455,8 +506,8 @@ def serve(
     if max_batch < 1:
         raise UserError(f"--max-batch must be >= 1, got {max_batch}")
     draft = parse_draft(draft_tokens)
-    engine = load_engine(model, drafter)
-    model_id = Path(model).name if model and Path(model).is_dir() else (model or DEFAULT_MODEL)
+    engine = demo_engine(model, drafter) if demo else load_engine(model, drafter)
+    model_id = DEMO_ID if demo else Path(model).name if model and Path(model).is_dir() else (model or DEFAULT_MODEL)
     err.print(f"serving {model_id} on http://{host}:{port}/v1 (drafter: {'yes' if engine.drafter else 'none'})")
     run(engine, model_id, host, port, max_batch, draft)
 
@@ -468,10 +519,12 @@ class DistillProgress:
     """distill.Reporter drawn with rich: one bar per phase, notes as log lines (kept in a non-terminal log)."""
 
     def __init__(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
 
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=err, transient=True)
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=err,
+                            transient=True)
         self.task = None
 
     def phase(self, name, total=None):
@@ -507,6 +560,10 @@ def distill(
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompts to continue, one per line (a tenth "
                                            "held out) [default: built-in varied prompts]."),
     samples: Optional[int] = typer.Option(None, "--samples", help="Sequences the target generates [default: 256]."),
+    corpus: Optional[list[Path]] = typer.Option(None, "--corpus", help="Text files or directories the target is "
+                                                "teacher-forced over (repeatable) [default: none]."),
+    corpus_tokens: Optional[int] = typer.Option(None, "--corpus-tokens", help="Corpus positions to teacher-force "
+                                                "[default: 300000]."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Tokens per generated sequence "
                                                  "[default: 128]."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed [default: 0]."),
@@ -520,6 +577,7 @@ def distill(
     opts = Options(target=target, out=str(out_dir), layers=layers, hidden_size=hidden_size,
                    num_centroids=num_centroids, steps=steps, time_budget=time_budget, draft_steps=draft_steps,
                    prompts=None if prompts is None else str(prompts), samples=samples,
+                   corpus=[str(c) for c in corpus] if corpus else None, corpus_tokens=corpus_tokens,
                    max_new_tokens=max_new_tokens, seed=seed, resume=resume, force=force)
     prepared = prepare(opts)  # bad input fails here, before any output
     progress = DistillProgress()

@@ -11,9 +11,12 @@ What happens, top to bottom (each phase is resumable from the work dir `<out>.wo
    balanced k-means (Lloyd iterations whose assignment step fills C clusters of exactly V/C tokens, greedily, most
    confident tokens first) into `token_ordering` (§2.5), and the centroid head starts at the cluster means, so the
    untrained centroid head already picks the clusters whose tokens score highest. Layers start from MLX's defaults.
-2. **Data.** The target generates continuations of varied prompts (batch mode, no drafter; greedy and sampled), then
-   runs teacher-forced over each sequence once: final-norm hiddens, the K/V of its producer layers (what the drafter
-   reads at run time) and its argmax next token at every position.
+2. **Data.** Sequences the target runs teacher-forced over once, recording at every position what the drafter needs:
+   the final-norm hidden, the K/V of its producer layers (what the drafter reads at run time) and its argmax next
+   token (the label). Two sources: the target's own continuations of varied prompts, greedy and sampled, raw and
+   chat-wrapped (what it sees at inference; generated in batch mode, no drafter), and windows of real documents
+   (`--corpus`, `corpus.py`: one prefill per batch of windows, far cheaper per position than decoding). Each batch is
+   a shard on disk (hidden and K/V in float16), read back one at a time while training.
 3. **Training, the way the drafter runs** (§2.4, §2.6). For every start position p of a sequence at once, K chained
    steps: the query sits at position p (= L−1) for all K steps, full layers see target K/V at positions ≤ p−1,
    sliding layers the W+1 newest of those; step 1's input is [E_target[t_p]·√H, target hidden at p−1], step j+1's
@@ -51,6 +54,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from . import corpus as corpus_text
 from .cache import KV, attention_mask
 from .config import FULL, SLIDING, DrafterConfig
 from .drafter import Drafter, PairError
@@ -60,7 +64,9 @@ from .drafter import Drafter, PairError
 _PROMPTS = json.loads((Path(__file__).parent / "distill_prompts.json").read_text())
 TRAIN_PROMPTS, EVAL_PROMPTS = _PROMPTS["train"], _PROMPTS["held_out"]
 WORK_SUFFIX = ".work"
-DATA_SHARE = 0.45  # of a time budget, at most, for generating and teacher-forcing the data
+DATA_SHARE = 0.45  # of a time budget, at most, for the data (generation + corpus)
+GENERATION_SHARE = 0.15  # of a time budget, at most, for generating the target's own text when there is a corpus
+WINDOW = 256  # tokens per corpus window
 
 
 class DistillError(ValueError):
@@ -80,6 +86,9 @@ class Options:
     steps: Optional[int] = None  # default 2000 when there is no time budget
     time_budget: Optional[float] = None  # wall-clock minutes for this run (data + training + acceptance)
     prompts: Optional[str] = None  # a file, one prompt per line
+    corpus: Optional[list] = None  # text files or directories (corpus.py)
+    corpus_tokens: Optional[int] = None  # teacher-forced corpus positions, default 300000 with a corpus
+    data_share: float = DATA_SHARE
     samples: Optional[int] = None  # generated sequences, default 256
     max_new_tokens: Optional[int] = None  # per generated sequence, default 128
     seed: Optional[int] = None
@@ -91,7 +100,8 @@ class Options:
     force: bool = False
 
     ARCH = ("layers", "hidden_size", "num_centroids", "draft_steps", "max_new_tokens", "seed")
-    DEFAULTS = dict(layers=4, hidden_size=256, draft_steps=4, samples=256, max_new_tokens=128, seed=0)
+    DEFAULTS = dict(layers=4, hidden_size=256, draft_steps=4, samples=256, max_new_tokens=128, seed=0,
+                    corpus_tokens=300_000)
 
 
 class Reporter:
@@ -260,15 +270,25 @@ class Batch:
     kv: dict  # layer type -> (K, V), each [B, kv_heads, N, head_dim]: the producer layers' cache
 
     def arrays(self) -> dict:
+        """What a shard holds: hidden and K/V in float16 (half the disk; training computes in float32)."""
         out = dict(tokens=self.tokens, lengths=self.lengths, labels=self.labels, hidden=self.hidden)
         for t, (k, v) in self.kv.items():
             out[f"k.{t}"], out[f"v.{t}"] = k, v
-        return out
+        return {n: a.astype(mx.float16) if mx.issubdtype(a.dtype, mx.floating) else a for n, a in out.items()}
 
     @classmethod
     def from_arrays(cls, a: dict) -> "Batch":
+        a = {n: x.astype(mx.float32) if mx.issubdtype(x.dtype, mx.floating) else x for n, x in a.items()}
         kv = {name[2:]: (a[name], a["v." + name[2:]]) for name in a if name.startswith("k.")}
         return cls(a["tokens"], a["lengths"], a["labels"], a["hidden"], kv)
+
+    @classmethod
+    def load(cls, path: Path) -> "Batch":
+        return cls.from_arrays(mx.load(str(path)))
+
+    @property
+    def positions(self) -> int:
+        return int(self.lengths.sum())
 
 
 def teacher_force(target, seqs: list[list[int]]) -> Batch:
@@ -287,10 +307,25 @@ def teacher_force(target, seqs: list[list[int]]) -> Batch:
     return batch
 
 
-def encode_prompts(engine, prompts: list[str]) -> list[list[int]]:
-    """Chat-wrapped when the tokenizer has a chat template (what the drafter will serve), raw otherwise."""
-    chat = getattr(engine.tokenizer, "chat_template", None)
+def encode_prompts(engine, prompts: list[str], chat: bool = True) -> list[list[int]]:
+    """Chat-wrapped when asked and the tokenizer has a chat template, raw otherwise."""
+    chat = chat and getattr(engine.tokenizer, "chat_template", None)
     return [engine.encode([{"role": "user", "content": p}] if chat else p) for p in prompts]
+
+
+def training_prompts(engine, prompts: list[str]) -> list[list[int]]:
+    """Every prompt raw (text to continue) and, when the tokenizer has a chat template, chat-wrapped too: the drafter
+    serves both `generate --raw` and chat turns."""
+    raw = encode_prompts(engine, prompts, chat=False)
+    chat = encode_prompts(engine, prompts) if getattr(engine.tokenizer, "chat_template", None) else []
+    return raw + chat
+
+
+def held_out_prompts(engine, prompts: list[str]) -> list[list[int]]:
+    """The held-out prompts, every other one chat-wrapped (when there is a chat template): both uses measured, at
+    the cost of one run per prompt."""
+    raw, chat = encode_prompts(engine, prompts, chat=False), encode_prompts(engine, prompts)
+    return [chat[i] if i % 2 else raw[i] for i in range(len(prompts))]
 
 
 TEMPERATURES = (0.0, 0.8, 1.0)  # generation batch b samples at TEMPERATURES[b % 3]: greedy and sampled text
@@ -477,21 +512,24 @@ def load_drafter_weights(drafter: Drafter, path: Path):
     mx.eval(drafter.parameters())
 
 
-def save_hf(drafter: Drafter, raw: dict, out: Path, report: dict, force: bool):
-    """The drafter in Hugging Face layout (spec §2.2 names; token_ordering int64 as HF stores it), written into a
-    temp dir renamed at the end. No tokenizer: a drafter uses its target's."""
+def save_hf(drafter: Drafter, raw: dict, out: Path, result: dict, force: bool, report: Reporter = Reporter()):
+    """The drafter in Hugging Face layout (spec §2.2 names; token_ordering int64 as HF stores it), with
+    acceptance.json and acceptance.png (the training history), written into a temp dir renamed at the end. No
+    tokenizer: a drafter uses its target's."""
     from .convert.writer import atomic_dir
 
     weights = {k: v.astype(mx.int64) if k.endswith("token_ordering") else v
                for k, v in tree_flatten(drafter.parameters())}
     text = raw["text_config"]
-    gen = dict(num_assistant_tokens=report["draft_tokens"], num_assistant_tokens_schedule="constant",
+    gen = dict(num_assistant_tokens=result["draft_tokens"], num_assistant_tokens_schedule="constant",
                bos_token_id=text["bos_token_id"], eos_token_id=text["eos_token_id"],
                pad_token_id=text["pad_token_id"])
     with atomic_dir(out, force) as tmp:
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "pt"})
         _write_json(tmp / "generation_config.json", gen)
-        _write_json(tmp / "acceptance.json", report)
+        _write_json(tmp / "acceptance.json", result)
+        if not plot_history(result["history"], tmp / "acceptance.png"):
+            report.note('matplotlib is not installed: no acceptance.png (pip install "gemma-mlx[distill]")')
         _write_json(tmp / "config.json", raw)
 
 
@@ -513,8 +551,8 @@ def read_prompts(opts: Options) -> tuple[list[str], list[str]]:
 
 
 def check_options(opts: Options):
-    for name, low in (("layers", 1), ("hidden_size", 8), ("num_centroids", 2), ("steps", 1), ("samples", 1),
-                      ("max_new_tokens", 1)):
+    for name, low in (("layers", 1), ("hidden_size", 8), ("num_centroids", 2), ("steps", 1), ("samples", 0),
+                      ("max_new_tokens", 1), ("corpus_tokens", 1)):
         value = getattr(opts, name)
         if value is not None and value < low:
             raise DistillError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
@@ -560,6 +598,7 @@ class Prepared:
     raw: dict  # the drafter's HF config.json
     train_prompts: list
     eval_prompts: list
+    documents: list  # the corpus's documents ([] without --corpus)
     started: float
 
 
@@ -580,7 +619,11 @@ def prepare(opts: Options) -> Prepared:
     if vocab % num_centroids:
         raise DistillError(f"--num-centroids {num_centroids} does not divide the vocabulary size {vocab}")
     raw = drafter_config(engine.target.config, opts, num_centroids)
-    return Prepared(opts, out, engine, raw, train_prompts, eval_prompts, started)
+    try:
+        documents = corpus_text.documents(opts.corpus) if opts.corpus else []
+    except corpus_text.CorpusError as e:
+        raise DistillError(str(e)) from None
+    return Prepared(opts, out, engine, raw, train_prompts, eval_prompts, documents, started)
 
 
 def distill(opts: Options, report: Reporter = Reporter()) -> dict:
@@ -593,27 +636,38 @@ def train(run: Prepared, report: Reporter = Reporter()) -> dict:
     work = work_dir(run.out)
     deadline = run.started + 60 * run.opts.time_budget if run.opts.time_budget else None
     drafter, state = init_or_resume(run, work, report)
-    eval_ids = encode_prompts(run.engine, run.eval_prompts)
+    eval_ids = held_out_prompts(run.engine, run.eval_prompts)
     if state["baseline"] is None:  # the untrained drafter's acceptance, and how long a measurement takes
         report.phase("acceptance before training (held-out prompts)")
         state["baseline"] = acceptance(run.engine, drafter, eval_ids, run.opts.draft_steps, run.opts.eval_tokens)
         _write_json(work / "state.json", state)
-    batches = collect_data(run, work, state, deadline, report)
+    shards = collect_data(run, work, state, deadline, report)
     reserve = 1.5 * state["baseline"]["seconds"] + 2  # for the final acceptance run, and saving
-    fit(run, drafter, batches, work, state, None if deadline is None else deadline - reserve, report)
+    fit(run, drafter, shards, work, state, None if deadline is None else deadline - reserve, report, eval_ids)
 
     report.phase("acceptance after training (held-out prompts)")
     after = acceptance(run.engine, drafter, eval_ids, run.opts.draft_steps, run.opts.eval_tokens)
     before = state["baseline"]
-    result = dict(target=str(run.opts.target), draft_tokens=run.opts.draft_steps, steps=state["step"],
+    result = dict(target=str(run.opts.target), corpus=run.opts.corpus, draft_tokens=run.opts.draft_steps,
+                  steps=state["step"],
                   training_seconds=round(state["train_seconds"], 1),
-                  training_tokens=sum(int(b.lengths.sum()) for b in batches),
+                  training_tokens=state["data_positions"], data=data_summary(state),
                   held_out_prompts=len(eval_ids), new_tokens_per_prompt=run.opts.eval_tokens,
                   same_output_before_after=after["tokens"] == before["tokens"],
                   before={x: y for x, y in before.items() if x != "tokens"},
-                  after={x: y for x, y in after.items() if x != "tokens"})
-    save_hf(drafter, run.raw, run.out, result, force=True)
+                  after={x: y for x, y in after.items() if x != "tokens"},
+                  history=final_history(state, after, len(shards)))
+    save_hf(drafter, run.raw, run.out, result, force=True, report=report)
     return result
+
+
+def data_summary(state: dict) -> dict:
+    """Positions and seconds of each data phase (generation includes its teacher-forcing pass)."""
+    out = {}
+    for name in ("gen", "corpus"):
+        n, t = state.get(f"{name}_positions", 0), state.get(f"{name}_seconds", 0.0)
+        out[name] = dict(positions=n, seconds=round(t, 1), tokens_per_second=round(n / t, 1) if t else None)
+    return out
 
 
 def init_or_resume(run: Prepared, work: Path, report: Reporter) -> tuple[Drafter, dict]:
@@ -627,49 +681,107 @@ def init_or_resume(run: Prepared, work: Path, report: Reporter) -> tuple[Drafter
     (work / "data").mkdir(parents=True)
     mx.random.seed(run.opts.seed)
     drafter = new_drafter(run.engine.target, run.raw, run.opts.seed, report)
-    state = dict(step=0, data_batches=0, gen_batches=0, data_done=False, train_seconds=0.0, baseline=None)
+    state = dict(step=0, data_batches=0, data_positions=0, gen_batches=0, data_done=False, train_seconds=0.0,
+                 baseline=None)
     _write_json(work / "options.json", {**asdict(run.opts), "num_centroids": run.raw["num_centroids"]})
     save_checkpoint(work, drafter, None, state)
     return drafter, state
 
 
-def collect_data(run: Prepared, work: Path, state: dict, deadline, report: Reporter) -> list[Batch]:
-    """The saved data batches, then more (generation batch by generation batch, each saved) until --samples
-    sequences or DATA_SHARE of the time budget (a --resume with a larger --samples generates the difference)."""
+def shard_paths(work: Path, state: dict) -> list[Path]:
+    return [work / "data" / f"batch-{i:05d}.safetensors" for i in range(state["data_batches"])]
+
+
+def save_shard(work: Path, state: dict, batch: Batch):
+    _save_arrays(work / "data" / f"batch-{state['data_batches']:05d}.safetensors", batch.arrays())
+    state["data_batches"] += 1
+    state["data_positions"] = state.get("data_positions", 0) + batch.positions
+
+
+def collect_data(run: Prepared, work: Path, state: dict, deadline, report: Reporter) -> list[Path]:
+    """The data shards: the saved ones, then the target's continuations (`collect_generated`) and the corpus
+    windows (`collect_corpus`) still missing. A --resume with a larger --samples or --corpus-tokens adds the
+    difference."""
+    share = run.opts.data_share
+    data_deadline = None if deadline is None else run.started + share * (deadline - run.started)
+    gen_deadline = data_deadline
+    if deadline is not None and run.opts.corpus:
+        gen_deadline = run.started + min(share, GENERATION_SHARE) * (deadline - run.started)
+    collect_generated(run, work, state, gen_deadline, report)
+    if run.opts.corpus:
+        collect_corpus(run, work, state, data_deadline, report)
+    state["data_done"] = True
+    _write_json(work / "state.json", state)
+    if not state["data_batches"]:
+        raise DistillError("no training data could be made in the time budget: raise --time-budget")
+    return shard_paths(work, state)
+
+
+def collect_generated(run: Prepared, work: Path, state: dict, deadline, report: Reporter):
+    """Generation batch by generation batch (each teacher-forced and saved) until --samples sequences or the
+    deadline."""
     opts, engine, gen_size = run.opts, run.engine, 32
-    batches = [Batch.from_arrays(mx.load(str(work / "data" / f"batch-{i:05d}.safetensors")))
-               for i in range(state["data_batches"])]
     total = -(-opts.samples // gen_size)
     if state["gen_batches"] >= total:
-        return batches
-    data_deadline = None if deadline is None else run.started + DATA_SHARE * (deadline - run.started)
-    prompt_ids = encode_prompts(engine, run.train_prompts)
-    report.phase("generating and teacher-forcing the target's text", total=total)
+        return
+    prompt_ids = training_prompts(engine, run.train_prompts)
+    report.phase("generating the target's own text (greedy and sampled), teacher-forced", total=total)
     report.advance(state["gen_batches"])
     while state["gen_batches"] < total:
-        if data_deadline is not None and time.perf_counter() > data_deadline and batches:
-            report.note(f"data phase out of time after {state['gen_batches']} generation batches")
+        if deadline is not None and time.perf_counter() > deadline:
+            report.note(f"generation stopped by the time budget after {state['gen_batches']} batches")
             break
-        b = state["gen_batches"]
+        b, t1 = state["gen_batches"], time.perf_counter()
         seqs = generate_batch_sequences(engine, prompt_ids, b, min(gen_size, opts.samples - b * gen_size),
                                         opts.max_new_tokens, opts.seed)
         seqs.sort(key=len)  # similar lengths share a training batch: little padding
         for s in range(0, len(seqs), opts.batch_size):
-            batch = teacher_force(engine.target, seqs[s : s + opts.batch_size])
-            _save_arrays(work / "data" / f"batch-{state['data_batches']:05d}.safetensors", batch.arrays())
-            batches.append(batch)
-            state["data_batches"] += 1
+            save_shard(work, state, teacher_force(engine.target, seqs[s : s + opts.batch_size]))
         state["gen_batches"] += 1
+        state["gen_positions"] = state.get("gen_positions", 0) + sum(map(len, seqs))
+        state["gen_seconds"] = state.get("gen_seconds", 0.0) + time.perf_counter() - t1
         _write_json(work / "state.json", state)
-        report.advance(1, tokens=sum(int(x.lengths.sum()) for x in batches))
-    state["data_done"] = True
-    _write_json(work / "state.json", state)
-    return batches
+        report.advance(1, tokens=state["data_positions"])
 
 
-def fit(run: Prepared, drafter: Drafter, batches: list[Batch], work: Path, state: dict, deadline, report: Reporter):
-    """AdamW on random data batches until --steps or the deadline; checkpoints every `checkpoint_every` seconds
-    and at the end."""
+def collect_corpus(run: Prepared, work: Path, state: dict, deadline, report: Reporter):
+    """Corpus windows (shuffled with the seed, so a resume finds the same order), teacher-forced a batch at a time,
+    until --corpus-tokens positions or the deadline."""
+    opts, engine = run.opts, run.engine
+    done = state.get("corpus_positions", 0)
+    if done >= opts.corpus_tokens:
+        return
+    report.phase("reading the corpus")
+    wins = corpus_text.windows(engine.encode, run.documents, WINDOW, opts.seed)
+    state.setdefault("corpus_windows", 0)
+    report.phase(f"teacher-forcing the corpus ({len(wins)} windows of <= {WINDOW} tokens)", total=opts.corpus_tokens)
+    report.advance(done)
+    t0, start = time.perf_counter(), done
+    while done < opts.corpus_tokens and state["corpus_windows"] < len(wins):
+        if deadline is not None and time.perf_counter() > deadline:
+            report.note(f"corpus stopped by the time budget after {done} positions")
+            break
+        i, t1 = state["corpus_windows"], time.perf_counter()
+        seqs = sorted(wins[i : i + opts.batch_size], key=len)
+        batch = teacher_force(engine.target, seqs)
+        save_shard(work, state, batch)
+        state["corpus_windows"] += len(seqs)
+        state["corpus_positions"] = done = done + batch.positions
+        state["corpus_seconds"] = state.get("corpus_seconds", 0.0) + time.perf_counter() - t1
+        _write_json(work / "state.json", state)
+        rate = (done - start) / max(time.perf_counter() - t0, 1e-9)
+        report.advance(batch.positions, tokens_per_s=rate)
+        if state["data_batches"] % 25 == 0:
+            report.note(f"corpus: {done} of {opts.corpus_tokens} positions, {rate:.0f} tokens/s")
+    if state["corpus_windows"] >= len(wins) and done < opts.corpus_tokens:
+        report.note(f"the corpus holds {done} positions, fewer than --corpus-tokens {opts.corpus_tokens}")
+
+
+def fit(run: Prepared, drafter: Drafter, shards: list[Path], work: Path, state: dict, deadline, report: Reporter,
+        eval_ids: list[list[int]]):
+    """AdamW over the shards, epoch by epoch (each a seeded permutation), until --steps or the deadline; held-out
+    acceptance after every epoch (`state["history"]`); checkpoints every `checkpoint_every` seconds, after every
+    epoch and at the end."""
     opts, target, k = run.opts, run.engine.target, run.opts.draft_steps
     drafter.freeze(keys=["token_ordering"], recurse=True)
     head = Head.of(drafter)
@@ -678,8 +790,12 @@ def fit(run: Prepared, drafter: Drafter, batches: list[Batch], work: Path, state
         optimizer.init(drafter.trainable_parameters())
         optimizer.state = tree_unflatten(list(mx.load(str(work / "optimizer.safetensors")).items()))
     step_fn = nn.value_and_grad(drafter, lambda batch: loss_fn(drafter, target, head, batch, k))
-    rng = np.random.default_rng(opts.seed + state["step"])
+    for key, value in (("epoch", 0), ("epoch_index", 0), ("positions_seen", 0), ("history", [])):
+        state.setdefault(key, value)
+    if not state["history"]:
+        state["history"].append(dict(epoch=0, positions=0, **_brief(state["baseline"])))
     report.phase("training", total=opts.steps)
+    report.note(f"training on {len(shards)} shards ({state['data_positions']} positions) an epoch")
     report.advance(state["step"])
     start = last_save = time.perf_counter()
     before, loss_avg, acc_avg = state["train_seconds"], None, None
@@ -689,21 +805,84 @@ def fit(run: Prepared, drafter: Drafter, batches: list[Batch], work: Path, state
             report.note(f"time budget reached after {state['step']} steps")
             break
         optimizer.learning_rate = opts.learning_rate * schedule(state["step"], opts.steps, now, start, deadline)
-        (loss, (correct, counts)), grads = step_fn(batches[int(rng.integers(len(batches)))])
+        order = np.random.default_rng(opts.seed + state["epoch"]).permutation(len(shards))
+        (loss, (correct, counts)), grads = step_fn(Batch.load(shards[order[state["epoch_index"]]]))
         optimizer.update(drafter, optim.clip_grad_norm(grads, 1.0)[0])
         mx.eval(drafter.parameters(), optimizer.state, loss, correct)
         state["step"] += 1
+        state["epoch_index"] += 1
+        state["positions_seen"] += int(np.array(counts)[0])
         state["train_seconds"] = before + time.perf_counter() - start
         rate = np.array(correct) / np.maximum(np.array(counts), 1)  # per draft step, as the runtime would judge
         loss_avg = float(loss) if loss_avg is None else 0.95 * loss_avg + 0.05 * float(loss)
         acc_avg = rate if acc_avg is None else 0.95 * acc_avg + 0.05 * rate
         report.advance(1, loss=loss_avg, accuracy=" ".join(f"{a:.2f}" for a in acc_avg))
-        if time.perf_counter() - last_save > opts.checkpoint_every:
+        if state["epoch_index"] >= len(shards):
+            measure = deadline is None or deadline - time.perf_counter() > state["baseline"]["seconds"]
+            end_epoch(run, drafter, work, state, eval_ids if measure else None, report)
+            save_checkpoint(work, drafter, optimizer, state)
+            last_save = time.perf_counter()
+        elif time.perf_counter() - last_save > opts.checkpoint_every:
             save_checkpoint(work, drafter, optimizer, state)
             report.note(f"step {state['step']}: loss {loss_avg:.3f}, accuracy by draft step "
                         f"{' '.join(f'{a:.2f}' for a in acc_avg)} (checkpoint saved)")
             last_save = time.perf_counter()
     save_checkpoint(work, drafter, optimizer, state)
+
+
+def end_epoch(run: Prepared, drafter: Drafter, work: Path, state: dict, eval_ids: list, report: Reporter):
+    """Held-out acceptance after an epoch, kept in the history (what the plot draws); eval_ids None: no time left
+    to measure before the deadline (the final measurement comes anyway)."""
+    state["epoch"] += 1
+    state["epoch_index"] = 0
+    if eval_ids is None:
+        return
+    measured = acceptance(run.engine, drafter, eval_ids, run.opts.draft_steps, run.opts.eval_tokens)
+    state["history"].append(dict(epoch=state["epoch"], positions=state["positions_seen"], **_brief(measured)))
+    report.note(f"epoch {state['epoch']} ({state['positions_seen']} positions trained): held-out acceptance by "
+                f"position {_fmt(measured['acceptance_by_position'])}, {measured['tokens_per_round']} tokens/round")
+
+
+def final_history(state: dict, after: dict, shards: int) -> list:
+    """The epochs' measurements plus the final one (unless the run ended on an epoch, just measured)."""
+    history = list(state["history"])
+    if history[-1]["positions"] != state["positions_seen"]:
+        history.append(dict(epoch=round(state["epoch"] + state["epoch_index"] / shards, 3),
+                            positions=state["positions_seen"], **_brief(after)))
+    return history
+
+
+def _brief(measured: dict) -> dict:
+    return dict(acceptance_by_position=measured["acceptance_by_position"],
+                tokens_per_round=measured["tokens_per_round"])
+
+
+def _fmt(values: list) -> str:
+    return " ".join("-" if v is None else f"{v:.2f}" for v in values)
+
+
+def plot_history(history: list, path: Path) -> bool:
+    """acceptance.png: held-out acceptance per draft position (and tokens per round) against training positions.
+    False when matplotlib is not installed (pip install "gemma-mlx[distill]")."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    x = [h["positions"] for h in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for j in range(len(history[-1]["acceptance_by_position"])):
+        left.plot(x, [h["acceptance_by_position"][j] for h in history], marker="o", label=f"position {j + 1}")
+    left.set(xlabel="training positions", ylabel="held-out acceptance", ylim=(0, 1), title="acceptance per draft position")
+    left.legend()
+    right.plot(x, [h["tokens_per_round"] for h in history], marker="o", color="black")
+    right.set(xlabel="training positions", ylabel="tokens per round", title="tokens per round (K fixed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
 
 
 def schedule(step: int, total: Optional[int], now: float, start: float, deadline: Optional[float]) -> float:

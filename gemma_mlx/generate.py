@@ -20,6 +20,10 @@ from .speculative import DraftLength, Session, Stats, generate_tokens
 from .target import Target
 
 
+class ChatTemplateError(ValueError):
+    """Chat messages for a checkpoint without a chat template; the message says what to do instead."""
+
+
 @dataclass
 class Engine:
     target: Target
@@ -42,7 +46,15 @@ class Engine:
         if isinstance(prompt, str):
             return list(self.tokenizer.encode(prompt))
         if prompt and isinstance(prompt[0], dict):
-            return list(self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True))
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise ChatTemplateError("this checkpoint has no chat template, so it cannot take chat messages: "
+                                        "give it text to continue (--raw in the CLI, /v1/completions in the server)")
+            from jinja2 import TemplateError
+
+            try:
+                return list(self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True))
+            except TemplateError as e:  # the template's own checks (roles must alternate, ...)
+                raise ChatTemplateError(f"the chat template refused the messages: {e}") from None
         return list(prompt)
 
 

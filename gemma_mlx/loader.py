@@ -21,6 +21,9 @@ from .gemma3 import TARGET_TYPES as GEMMA3_TYPES, Gemma3Config, Gemma3Target, ge
 from .target import Target
 
 
+CONVERSION = 2
+
+
 class LoadError(ValueError):
     """A model that cannot be loaded; the message is one line for the user."""
 
@@ -48,7 +51,8 @@ def resolve(source: str | Path, dtype: str = "bf16", progress: bool = True) -> P
     if not path.is_dir() and path.suffix != ".gguf" and (path.exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") != 1):
         raise LoadError(f"{source}: no such model directory (and not a hub id like 'google/gemma-4-e2b-it')")
     local = path.exists()
-    tag = hashlib.sha256(f"{path.resolve() if local else source}|{dtype}".encode()).hexdigest()[:12]
+    # CONVERSION bumps when the converter writes more (v2: GGUFs get a chat template), so old conversions are redone
+    tag = hashlib.sha256(f"{path.resolve() if local else source}|{dtype}|{CONVERSION}".encode()).hexdigest()[:12]
     name = (path.name if local else str(source).replace("/", "--")) + f"-{dtype}-{tag}"
     out = cache_home() / "converted" / name
     if not (out / "config.json").exists():

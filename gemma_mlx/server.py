@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from .batch import BatchDecoder, Row
-from .generate import Engine, _partial_stop, draft_length
+from .generate import ChatTemplateError, Engine, _partial_stop, draft_length
 from .sampling import SamplingParams
 
 
@@ -164,7 +164,10 @@ def build_app(engine: Engine, model_id: str, max_batch: int = 8, draft_tokens="a
             if not isinstance(messages, list) or not messages or not all(
                     isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in messages):
                 raise BadRequest("messages must be a non-empty list of {role, content} objects", param="messages")
-            prompt = engine.encode([{"role": m["role"], "content": m["content"]} for m in messages])
+            try:
+                prompt = engine.encode([{"role": m["role"], "content": m["content"]} for m in messages])
+            except ChatTemplateError as e:
+                raise BadRequest(str(e).replace("--raw in the CLI, ", ""), param="messages") from None
         else:
             text = body.get("prompt")
             if not isinstance(text, str) or not text:

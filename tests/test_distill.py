@@ -307,3 +307,103 @@ def test_bad_input_is_one_line(mlx_dir, tmp_path):
     one_line_error(runner.invoke(app, ["distill", "--target", drafter, "--out", str(tmp_path / "e")]),
                    "is a drafter")
     assert not any(".tmp-" in p.name for p in tmp_path.iterdir())
+
+
+# --- real text: the corpus phase ------------------------------------------------------------------------------------
+
+CORPUS = dict(TINY, samples=0, corpus_tokens=2000, eval_tokens=16)
+
+
+@pytest.fixture(scope="module")
+def text_dir(mlx_dir, tmp_path_factory):
+    """A corpus in the domain the drafter will serve, as a user would bring one: the tiny target's greedy
+    continuations of training prompts (not the held-out ones), decoded to text files, plus a fortune file."""
+    root = tmp_path_factory.mktemp("corpus")
+    engine = gemma_mlx.load(str(mlx_dir("plain-calm")), dtype="fp32", progress=False)
+    texts = [p + r.text for p, r in zip(D.TRAIN_PROMPTS[:48], gemma_mlx.generate_batch(
+        engine, D.TRAIN_PROMPTS[:48], max_tokens=40, draft_tokens=0))]
+    for i in range(0, 40, 8):
+        (root / f"doc{i}.txt").write_text("\n\n".join(texts[i : i + 8]))
+    (root / "quotes").write_text("\n%\n".join(texts[40:]))
+    return root
+
+
+@pytest.fixture(scope="module")
+def from_corpus(mlx_dir, text_dir, tmp_path_factory):
+    target, out = mlx_dir("plain-calm"), tmp_path_factory.mktemp("cdistill") / "drafter"
+    return target, out, run(target, out, steps=60, corpus=[str(text_dir)], **CORPUS)
+
+
+def test_corpus_shards_hold_the_targets_own_argmax_hidden_and_kv(from_corpus, mlx_target):
+    """Every shard is one teacher-forced pass: labels are the target's argmax next token at each position, hidden and
+    K/V its own (float16 on disk), at least --corpus-tokens positions in all."""
+    target_dir, out, result = from_corpus
+    target = mlx_target("plain-calm")
+    shards = sorted((D.work_dir(out) / "data").glob("batch-*.safetensors"))
+    assert result["data"]["corpus"]["positions"] >= CORPUS["corpus_tokens"] and result["data"]["gen"]["positions"] == 0
+    assert result["training_tokens"] == sum(int(mx.load(str(s))["lengths"].sum()) for s in shards)
+    raw = mx.load(str(shards[0]))
+    assert raw["hidden"].dtype == mx.float16 and raw["k.sliding_attention"].dtype == mx.float16
+    batch = D.Batch.from_arrays(raw)
+    for b, n in enumerate(np.array(batch.lengths).tolist()):
+        tokens = batch.tokens[b : b + 1, :n]
+        assert int(tokens[0, 0]) == 2  # every window starts with the BOS
+        cache = target.make_cache(1, chunk=n)
+        hidden = target.model(tokens, cache)
+        assert np.array(mx.argmax(target.logits(hidden), axis=-1)[0]).tolist() == \
+            np.array(batch.labels[b, :n]).tolist()
+        np.testing.assert_allclose(np.array(batch.hidden[b, :n]), np.array(hidden[0]), atol=2e-2, rtol=2e-3)
+
+
+def test_corpus_training_raises_acceptance_and_plots_its_history(from_corpus):
+    _, out, result = from_corpus
+    history = result["history"]
+    assert history[0]["positions"] == 0 and len(history) >= 3  # before, after each epoch, (end)
+    assert [h["positions"] for h in history] == sorted({h["positions"] for h in history})
+    assert result["after"]["acceptance_by_position"][0] > result["before"]["acceptance_by_position"][0] + 0.3
+    assert (out / "acceptance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result["corpus"] and json.loads((out / "acceptance.json").read_text())["history"] == history
+
+
+class StopInCorpus(D.Reporter):
+    """Interrupts the corpus phase after n shards (as Ctrl-C or a killed process would)."""
+
+    def __init__(self, n):
+        self.n, self.in_corpus = n, False
+
+    def phase(self, name, total=None):
+        self.in_corpus = name.startswith("teacher-forcing the corpus")
+
+    def advance(self, n=1, **info):
+        if self.in_corpus and "tokens_per_s" in info:
+            self.n -= 1
+            if self.n == 0:
+                raise KeyboardInterrupt
+
+
+def test_an_interrupted_corpus_phase_resumes_where_it_stopped(mlx_dir, text_dir, tmp_path):
+    """The resumed run's shards are the uninterrupted run's, each window teacher-forced once."""
+    target = mlx_dir("plain-calm")
+    opts = dict(CORPUS, corpus=[str(text_dir)], steps=2, checkpoint_every=0.0, batch_size=4)
+    straight = tmp_path / "straight"
+    D.distill(D.Options(target=str(target), out=str(straight), **opts))
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        D.distill(D.Options(target=str(target), out=str(out), **opts), StopInCorpus(2))
+    assert json.loads((D.work_dir(out) / "state.json").read_text())["data_batches"] == 2
+    D.distill(D.Options(target=str(target), out=str(out), resume=True,
+                        **{k: v for k, v in opts.items() if k not in D.Options.ARCH}))
+
+    def tokens(run_dir):
+        return [np.array(mx.load(str(p))["tokens"]).tolist()
+                for p in sorted((D.work_dir(run_dir) / "data").glob("batch-*.safetensors"))]
+
+    assert tokens(out) == tokens(straight) and len(tokens(out)) > 2  # the resume made the rest
+
+
+def test_a_missing_corpus_path_is_one_line(mlx_dir, tmp_path):
+    from gemma_mlx.cli import app
+
+    result = CliRunner().invoke(app, ["distill", "--target", str(mlx_dir("plain-calm")), "--out", str(tmp_path / "d"),
+                                      "--corpus", str(tmp_path / "nothing")])
+    one_line_error(result, "no such file or directory")

@@ -284,3 +284,17 @@ def test_real_gguf_generates(real, capsys):
     assert "Paris" in text or "capital" in text
     with capsys.disabled():
         print(f"\n[gguf] greedy: The capital of France is{text!r}\n[gguf] decode {rate:.1f} tokens/s (CPU, fp32)")
+
+
+def test_a_gemma3_gguf_without_a_chat_template_gets_gemma3s(tmp_path):
+    """Google's base Gemma 3 GGUFs (the demo target's among them) carry no template; the converted dir chats with
+    Gemma 3's turn format (system prompt folded into the first user turn, `model` role, <end_of_turn> as EOS)."""
+    path = write_gguf(tiny_hf_model(layers=2), tmp_path / "no-template.gguf")
+    out = convert_gguf(path, tmp_path / "mlx", dtype="fp32")
+    tok = load_tokenizer(out)
+    text = tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": " hi "},
+                                    {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"}],
+                                   add_generation_prompt=True, tokenize=False)
+    assert text == ("<bos><start_of_turn>user\nBe brief.\n\nhi<end_of_turn>\n<start_of_turn>model\nhello<end_of_turn>\n"
+                    "<start_of_turn>user\nbye<end_of_turn>\n<start_of_turn>model\n")
+    assert 6 in json.loads((out / "config.json").read_text())["eos_token_id"]  # <end_of_turn> ends a reply

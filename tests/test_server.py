@@ -1,6 +1,7 @@
 """gemma-mlx serve with the official `openai` client against a live server on a tiny pair (loopback only)."""
 
 import concurrent.futures as futures
+import contextlib
 import json
 import socket
 import threading
@@ -146,3 +147,43 @@ def test_load_32_requests_at_concurrency_8(server):
     print(f"32 requests at concurrency 8: {concurrent:.0f} tok/s aggregate vs {sequential:.0f} tok/s one at a time "
           f"(ratio {concurrent / sequential:.2f}, CPU, tiny model)")
     assert len(tokens) == 32 and all(t == 24 for t in tokens)
+
+
+@contextlib.contextmanager
+def http_on(engine):
+    """An in-process client of a server on `engine` (starlette's TestClient: no socket)."""
+    from starlette.testclient import TestClient
+
+    app = build_app(engine, "tiny", max_batch=2, draft_tokens=0)
+    try:
+        with TestClient(app) as http:
+            yield http
+    finally:
+        app.state.scheduler.close()
+
+
+def test_chat_messages_to_a_checkpoint_without_a_chat_template_are_a_400(mlx_dir):
+    """The checkpoint can still complete text (/v1/completions); chat says so in OpenAI's error shape."""
+    engine = gemma_mlx.load(mlx_dir("e2blike"))
+    engine.tokenizer._tokenizer.chat_template = None
+    with http_on(engine) as http:
+        r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == "messages" and "no chat template" in err["message"]
+        assert "--raw" not in err["message"] and "/v1/completions" in err["message"]
+        r = http.post("/v1/completions", json={"prompt": "one two", "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+
+
+def test_messages_the_chat_template_refuses_are_a_400(mlx_dir):
+    """Gemma 3's template (what the converter gives a GGUF without one) raises on roles that do not alternate."""
+    from gemma_mlx.convert.gguf import GEMMA3_CHAT
+
+    engine = gemma_mlx.load(mlx_dir("e2blike"))
+    engine.tokenizer._tokenizer.chat_template = GEMMA3_CHAT
+    with http_on(engine) as http:
+        r = http.post("/v1/chat/completions", json={"messages": [
+            {"role": "assistant", "content": "x"}, {"role": "assistant", "content": "y"}]})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "messages" and "chat template refused" in r.json()["error"]["message"]
