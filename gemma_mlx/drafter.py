@@ -19,14 +19,14 @@ import mlx.nn as nn
 
 from .cache import KV, TargetCache, attention_mask
 from .config import FULL, SLIDING, DrafterConfig
-from .target import DecoderLayer, RMSNorm, Target
+from .target import DecoderLayer, Embedding, Linear, RMSNorm, Target
 
 
 class AssistantModel(nn.Module):
     def __init__(self, cfg: DrafterConfig):
         super().__init__()
         t = cfg.text
-        self.embed_tokens = nn.Embedding(t.vocab_size, t.hidden_size)  # the LM head only (§2.2): never embeds
+        self.embed_tokens = Embedding(t.vocab_size, t.hidden_size)  # the LM head only (§2.2): never embeds
         # Every layer is a kv-shared consumer (num_kv_shared_layers == num_hidden_layers): q/o projections only.
         self.layers = [DecoderLayer(t, i) for i in range(t.num_hidden_layers)]
         self.norm = RMSNorm(t.hidden_size, eps=t.rms_norm_eps)
@@ -37,7 +37,7 @@ class MaskedEmbedding(nn.Module):
 
     def __init__(self, cfg: DrafterConfig):
         super().__init__()
-        self.centroids = nn.Linear(cfg.text.hidden_size, cfg.num_centroids, bias=False)
+        self.centroids = Linear(cfg.text.hidden_size, cfg.num_centroids, bias=False)
         self.token_ordering = mx.zeros((cfg.text.vocab_size,), dtype=mx.int32)
         self.top_k = cfg.centroid_intermediate_top_k
         self.num_centroids = cfg.num_centroids
@@ -56,8 +56,8 @@ class Drafter(nn.Module):
         super().__init__()
         self.config = cfg
         d, H = cfg.text.hidden_size, cfg.backbone_hidden_size
-        self.pre_projection = nn.Linear(2 * H, d, bias=False)
-        self.post_projection = nn.Linear(d, H, bias=False)
+        self.pre_projection = Linear(2 * H, d, bias=False)
+        self.post_projection = Linear(d, H, bias=False)
         self.model = AssistantModel(cfg)
         if cfg.use_ordered_embeddings:
             self.masked_embedding = MaskedEmbedding(cfg)

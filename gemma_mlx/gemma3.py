@@ -24,7 +24,7 @@ import mlx.nn as nn
 
 from .cache import Span, TargetCache
 from .config import FULL, SLIDING, ConfigError
-from .target import MLP, CausalLM, rope
+from .target import MLP, CausalLM, Embedding, Linear, rope
 
 TARGET_TYPES = ("gemma3_text", "gemma3")
 DROPPED_PREFIXES = ("vision_tower.", "multi_modal_projector.")
@@ -216,10 +216,10 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.scale = cfg.query_pre_attn_scalar**-0.5
         H = cfg.hidden_size
-        self.q_proj = nn.Linear(H, self.n_heads * D, bias=False)
-        self.k_proj = nn.Linear(H, self.n_kv * D, bias=False)
-        self.v_proj = nn.Linear(H, self.n_kv * D, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * D, H, bias=False)
+        self.q_proj = Linear(H, self.n_heads * D, bias=False)
+        self.k_proj = Linear(H, self.n_kv * D, bias=False)
+        self.v_proj = Linear(H, self.n_kv * D, bias=False)
+        self.o_proj = Linear(self.n_heads * D, H, bias=False)
         self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
         self.rope = RoPE(cfg.rope_parameters[cfg.layer_types[i]], D)
@@ -257,7 +257,7 @@ class Gemma3TextModel(nn.Module):
     def __init__(self, cfg: Gemma3Config):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = [DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -286,7 +286,7 @@ class Gemma3Target(CausalLM):
         self.config = cfg
         self.model = Gemma3TextModel(cfg)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def sanitize(self, weights: dict) -> dict:
         """Accept the HF layouts too (see `hf_key`)."""

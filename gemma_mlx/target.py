@@ -70,6 +70,31 @@ def softcap(x: mx.array, cap: float) -> mx.array:
     return tanh(x / cap) * cap
 
 
+# BLAS sgemm of a few rows against a large weight (x @ W.T) repacks the weight on every call: on the CPU backend a
+# verify of 4 tokens through Gemma's 262144 × 640 head took 260 ms against 65 ms for one token. As W @ x.T the weight
+# is streamed once (80 ms for 4 tokens), and every projection of a decode or verify step gains the same way.
+SKINNY_ROWS = 32
+
+
+def linear(x: mx.array, weight: mx.array) -> mx.array:
+    """x @ weight.T; for at most SKINNY_ROWS rows on the CPU backend, computed as (weight @ x.T).T."""
+    rows = x.size // x.shape[-1]
+    if rows > SKINNY_ROWS or mx.default_device() != mx.cpu:
+        return x @ weight.T
+    return (weight @ x.reshape(rows, -1).T).T.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    def __call__(self, x: mx.array) -> mx.array:
+        y = linear(x, self.weight)
+        return y + self.bias if "bias" in self else y
+
+
+class Embedding(nn.Embedding):
+    def as_linear(self, x: mx.array) -> mx.array:
+        return linear(x, self.weight)
+
+
 class RMSNorm(nn.RMSNorm):
     def __call__(self, x: mx.array) -> mx.array:
         return rms_norm(x, self["weight"], self.eps)
@@ -109,13 +134,13 @@ class Attention(nn.Module):
         self.k_eq_v = cfg.attention_k_eq_v and self.layer_type == FULL
         self.eps = cfg.rms_norm_eps
         H, D = cfg.hidden_size, self.head_dim
-        self.q_proj = nn.Linear(H, self.n_heads * D, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * D, H, bias=False)
+        self.q_proj = Linear(H, self.n_heads * D, bias=False)
+        self.o_proj = Linear(self.n_heads * D, H, bias=False)
         self.q_norm = RMSNorm(D, eps=self.eps)
         if self.is_producer:
-            self.k_proj = nn.Linear(H, self.n_kv * D, bias=False)
+            self.k_proj = Linear(H, self.n_kv * D, bias=False)
             if not self.k_eq_v:
-                self.v_proj = nn.Linear(H, self.n_kv * D, bias=False)
+                self.v_proj = Linear(H, self.n_kv * D, bias=False)
             self.k_norm = RMSNorm(D, eps=self.eps)
         self.rope = RoPE(cfg.rope_parameters[self.layer_type], D)
 
@@ -137,9 +162,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_proj = Linear(hidden, intermediate, bias=False)
+        self.up_proj = Linear(hidden, intermediate, bias=False)
+        self.down_proj = Linear(intermediate, hidden, bias=False)
 
     def __call__(self, x):
         return self.down_proj(geglu(self.gate_proj(x), self.up_proj(x)))
@@ -168,8 +193,8 @@ class DecoderLayer(nn.Module):
         self.has_ple = bool(cfg.hidden_size_per_layer_input)
         if self.has_ple:
             P = cfg.hidden_size_per_layer_input
-            self.per_layer_input_gate = nn.Linear(H, P, bias=False)
-            self.per_layer_projection = nn.Linear(P, H, bias=False)
+            self.per_layer_input_gate = Linear(H, P, bias=False)
+            self.per_layer_projection = Linear(P, H, bias=False)
             self.post_per_layer_input_norm = RMSNorm(H, eps=eps)
         self.layer_scalar = mx.ones((1,))
 
@@ -191,14 +216,14 @@ class Gemma4TextModel(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = [DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         P = cfg.hidden_size_per_layer_input
         if P:
             N = cfg.num_hidden_layers
-            self.embed_tokens_per_layer = nn.Embedding(cfg.vocab_size_per_layer_input, N * P)
-            self.per_layer_model_projection = nn.Linear(cfg.hidden_size, N * P, bias=False)
+            self.embed_tokens_per_layer = Embedding(cfg.vocab_size_per_layer_input, N * P)
+            self.per_layer_model_projection = Linear(cfg.hidden_size, N * P, bias=False)
             self.per_layer_projection_norm = RMSNorm(P, eps=cfg.rms_norm_eps)
 
     def embed(self, tokens: mx.array) -> mx.array:
@@ -268,7 +293,7 @@ class Target(CausalLM):
         self.config = cfg
         self.model = Gemma4TextModel(cfg)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def sanitize(self, weights: dict) -> dict:
         """Accept mlx-lm's `gemma4` wrapper layout too (an mlx-community checkpoint: `language_model.model.*`)."""

@@ -115,6 +115,38 @@ def test_a_decode_step_fuses_norms_and_rope_and_writes_the_cache_by_slices(mlx_t
     assert ops.count("SliceUpdate") == 2 * len(cache.layers)
 
 
+def _weight_first_matmuls(*arrays) -> int:
+    """How many Matmul results the graph transposes straight away: projections computed as (W @ x.T).T."""
+    import io
+    import re
+
+    dot = io.StringIO()
+    mx.export_to_dot(dot, *arrays)
+    text = dot.getvalue()
+    label = dict(re.findall(r'\{ (\d+) \[label ="([A-Za-z]+)"', text))
+    produced = dict((a, op) for op, a in re.findall(r'^(\d+) -> "([A-Z]+)"', text, re.M))
+    consumers = re.findall(r'^"([A-Z]+)" -> (\d+)', text, re.M)
+    return sum(label[produced[a]] == "Matmul" and label[op] == "Transpose" for a, op in consumers if a in produced)
+
+
+@pytest.mark.parametrize("variant", ["plain", "ple"])
+def test_a_verify_of_a_few_tokens_streams_each_weight_once(variant, mlx_target):
+    """BLAS sgemm of a few rows against a large weight repacks the weight each call (on the CPU backend a 4-token
+    verify through a 262144-row head cost 4x one token): up to SKINNY_ROWS rows every projection and the tied head
+    are computed as W @ x.T, a prefill chunk as x @ W.T."""
+    from gemma_mlx.target import SKINNY_ROWS, Linear
+
+    target = mlx_target(variant)
+    projections = sum(isinstance(m, Linear) for _, m in target.named_modules()) + 1  # + the tied head
+    cache = target.make_cache(chunk=64)
+    target.prefill(mx.array([LONG]), cache)
+    logits, hidden = target(mx.array([[5, 6, 7, 8]]), cache)
+    assert _weight_first_matmuls(logits, hidden) == projections
+    cache = target.make_cache(chunk=64)
+    logits, hidden = target(mx.array([[2] + [5] * SKINNY_ROWS]), cache)
+    assert _weight_first_matmuls(logits, hidden) == 0
+
+
 def test_rational_tanh_is_tanh_to_float32_rounding():
     from gemma_mlx.target import tanh
 
