@@ -1,6 +1,9 @@
 """The Gemma 4 target against transformers 5.23.0 (spec §1): logits within 1e-4 in fp32 with identical argmax,
 final-norm hiddens, one-shot and chunked prefill across the sliding window, decode with rollbacks (§4)."""
 
+import io
+import re
+
 import gemma_mlx  # noqa: F401
 import mlx.core as mx
 import numpy as np
@@ -91,12 +94,14 @@ def test_quantized_conversions_agree_with_fp32(variant, bits, agreement, mlx_tar
 
 def _primitives(*arrays) -> list[str]:
     """The primitives of the graph that computes `arrays`, by name (a compiled kernel is one, "Compiled...")."""
-    import io
-    import re
+    return re.findall(r'label ?= ?"([A-Za-z]+)', _dot(*arrays))
 
+
+def _dot(*arrays) -> str:
+    """The graph that computes `arrays`, in Graphviz's dot language."""
     dot = io.StringIO()
     mx.export_to_dot(dot, *arrays)
-    return re.findall(r'label ?= ?"([A-Za-z]+)', dot.getvalue())
+    return dot.getvalue()
 
 
 def test_a_decode_step_fuses_norms_and_rope_and_writes_the_cache_by_slices(mlx_target):
@@ -117,12 +122,7 @@ def test_a_decode_step_fuses_norms_and_rope_and_writes_the_cache_by_slices(mlx_t
 
 def _weight_first_matmuls(*arrays) -> int:
     """How many Matmul results the graph transposes straight away: projections computed as (W @ x.T).T."""
-    import io
-    import re
-
-    dot = io.StringIO()
-    mx.export_to_dot(dot, *arrays)
-    text = dot.getvalue()
+    text = _dot(*arrays)
     label = dict(re.findall(r'\{ (\d+) \[label ="([A-Za-z]+)"', text))
     produced = dict((a, op) for op, a in re.findall(r'^(\d+) -> "([A-Z]+)"', text, re.M))
     consumers = re.findall(r'^"([A-Z]+)" -> (\d+)', text, re.M)
