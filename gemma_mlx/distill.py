@@ -13,8 +13,9 @@ What happens, top to bottom (each phase is resumable from the work dir `<out>.wo
    untrained centroid head already picks the clusters whose tokens score highest. Layers start from MLX's defaults.
 2. **Data.** Sequences the target runs teacher-forced over once, recording at every position what the drafter needs:
    the final-norm hidden, the K/V of its producer layers (what the drafter reads at run time) and its argmax next
-   token (the label). Two sources: the target's own continuations of varied prompts, greedy and sampled, raw and
-   chat-wrapped (what it sees at inference; generated in batch mode, no drafter), and windows of real documents
+   token (the label). Two sources: the target's own continuations of varied prompts (the prompts raw and
+   chat-wrapped, plus openings of corpus windows), mostly greedy, some sampled (what it sees at inference; generated
+   in batch mode, no drafter), and windows of real documents
    (`--corpus`, `corpus.py`: one prefill per batch of windows, far cheaper per position than decoding). Each batch is
    a shard on disk (hidden and K/V in float16), read back one at a time while training.
 3. **Training, the way the drafter runs** (§2.4, §2.6). For every start position p of a sequence at once, K chained
@@ -65,8 +66,10 @@ _PROMPTS = json.loads((Path(__file__).parent / "distill_prompts.json").read_text
 TRAIN_PROMPTS, EVAL_PROMPTS = _PROMPTS["train"], _PROMPTS["held_out"]
 WORK_SUFFIX = ".work"
 DATA_SHARE = 0.45  # of a time budget, at most, for the data (generation + corpus)
-GENERATION_SHARE = 0.15  # of a time budget, at most, for generating the target's own text when there is a corpus
+GENERATION_SHARE = 0.35  # of a time budget, at most, for generating the target's own text when there is a corpus
 WINDOW = 256  # tokens per corpus window
+GENERATION_BATCH = 64  # sequences the target continues together
+PREFIX = 32  # tokens of a corpus window the target continues as a generation prompt
 
 
 class DistillError(ValueError):
@@ -313,6 +316,15 @@ def encode_prompts(engine, prompts: list[str], chat: bool = True) -> list[list[i
     return [engine.encode([{"role": "user", "content": p}] if chat else p) for p in prompts]
 
 
+def corpus_prompts(run: "Prepared") -> list[list[int]]:
+    """Openings of corpus windows (their first PREFIX tokens) for the target to continue: as many varied prompts as
+    generated sequences, in the corpus's registers (none without a corpus)."""
+    if not run.documents:
+        return []
+    wins = corpus_text.windows(run.engine.encode, run.documents, WINDOW, run.opts.seed + 1)
+    return [w[:PREFIX] for w in wins[: run.opts.samples]]
+
+
 def training_prompts(engine, prompts: list[str]) -> list[list[int]]:
     """Every prompt raw (text to continue) and, when the tokenizer has a chat template, chat-wrapped too: the drafter
     serves both `generate --raw` and chat turns."""
@@ -328,15 +340,17 @@ def held_out_prompts(engine, prompts: list[str]) -> list[list[int]]:
     return [chat[i] if i % 2 else raw[i] for i in range(len(prompts))]
 
 
-TEMPERATURES = (0.0, 0.8, 1.0)  # generation batch b samples at TEMPERATURES[b % 3]: greedy and sampled text
+TEMPERATURES = (0.0, 0.0, 0.0, 0.8)  # generation batch b at TEMPERATURES[b % 4]: mostly greedy, as decoding is by default
 
 
 def generation_picks(n_prompts: int, b: int, size: int, seed: int) -> tuple[list[int], float]:
-    """(prompt indices, temperature) of generation batch b. Each temperature walks the shuffled prompts on its own,
-    so greedy batches repeat a prompt (and its identical greedy text) only after every prompt had its turn."""
+    """(prompt indices, temperature) of generation batch b. The batches of one temperature walk the shuffled prompts
+    together, so greedy batches repeat a prompt (and its identical greedy text) only after every prompt had its turn."""
     order = np.random.default_rng(seed).permutation(n_prompts)
-    turn, temp = divmod(b, len(TEMPERATURES))
-    return [int(order[(turn * size + i) % n_prompts]) for i in range(size)], TEMPERATURES[temp]
+    cycle, slot = divmod(b, len(TEMPERATURES))
+    same = [i for i, t in enumerate(TEMPERATURES) if t == TEMPERATURES[slot]]
+    turn = cycle * len(same) + same.index(slot)
+    return [int(order[(turn * size + i) % n_prompts]) for i in range(size)], TEMPERATURES[slot]
 
 
 def generate_batch_sequences(engine, prompt_ids: list[list[int]], b: int, size: int, max_new: int,
@@ -720,11 +734,11 @@ def collect_data(run: Prepared, work: Path, state: dict, deadline, report: Repor
 def collect_generated(run: Prepared, work: Path, state: dict, deadline, report: Reporter):
     """Generation batch by generation batch (each teacher-forced and saved) until --samples sequences or the
     deadline."""
-    opts, engine, gen_size = run.opts, run.engine, 32
+    opts, engine, gen_size = run.opts, run.engine, GENERATION_BATCH
     total = -(-opts.samples // gen_size)
     if state["gen_batches"] >= total:
         return
-    prompt_ids = training_prompts(engine, run.train_prompts)
+    prompt_ids = training_prompts(engine, run.train_prompts) + corpus_prompts(run)
     report.phase("generating the target's own text (greedy and sampled), teacher-forced", total=total)
     report.advance(state["gen_batches"])
     while state["gen_batches"] < total:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
@@ -38,6 +39,77 @@ class BadRequest(Exception):
 
 def error(message: str, status: int = 400, param=None, code=None, kind="invalid_request_error") -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+
+
+# --- request fields, checked as OpenAI's API does: a 400 naming the field --------------------------------------
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+NOT_IMPLEMENTED = {"tools": "tool calls", "functions": "function calls", "logprobs": "logprobs",
+                   "top_logprobs": "logprobs", "logit_bias": "logit_bias", "presence_penalty": "presence_penalty",
+                   "frequency_penalty": "frequency_penalty", "response_format": "response_format"}
+
+
+def is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def number(body: dict, name: str, default: float, low: float, high: float, open_low: bool = False) -> float:
+    x = body.get(name)
+    if x is None:
+        return default
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or x != x:
+        raise BadRequest(f"{name} must be a number", param=name)
+    if not (low < x if open_low else low <= x) or x > high:
+        raise BadRequest(f"{name} must be in {'(' if open_low else '['}{low}, {high}], got {x}", param=name)
+    return float(x)
+
+
+def stop_strings(stop) -> tuple:
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
+        raise BadRequest("stop must be a string or a list of at most 4 non-empty strings", param="stop")
+    return tuple(stops)
+
+
+def check_unsupported(body: dict):
+    """Fields this server does not implement are refused when they would change the answer, never ignored."""
+    n = body.get("n", 1)
+    if n != 1 or not is_int(n):
+        raise BadRequest("n must be 1 (one choice per request)", param="n")
+    for name, what in NOT_IMPLEMENTED.items():
+        if body.get(name) not in (None, False, 0, [], {}) and body.get(name) != {"type": "text"}:
+            raise BadRequest(f"{what} are not supported by this server" if what.endswith("s") else
+                             f"{what} is not supported by this server", param=name)
+
+
+def chat_messages(messages) -> list[dict]:
+    """OpenAI messages as the chat template takes them: roles checked (developer = system), text content parts
+    joined."""
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages must be a non-empty list of {role, content} objects", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise BadRequest(f"messages[{i}] must be an object with role and content", param=f"messages[{i}]")
+        role = m.get("role")
+        if role not in ROLES:
+            raise BadRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}",
+                             param=f"messages[{i}].role")
+        out.append({"role": ROLES[role], "content": message_text(m.get("content"), i)})
+    return out
+
+
+def message_text(content, i: int) -> str:
+    if isinstance(content, str):
+        return content
+    parts = content if isinstance(content, list) else None
+    if parts is None or not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                                for p in parts):
+        raise BadRequest(f"messages[{i}].content must be a string or a list of text parts",
+                         param=f"messages[{i}].content")
+    return "".join(p["text"] for p in parts)
 
 
 @dataclass
@@ -152,20 +224,17 @@ def build_app(engine: Engine, model_id: str, max_batch: int = 8, draft_tokens="a
     async def parse(request: Request, chat: bool) -> tuple[Job, dict]:
         try:
             body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested too deep to parse
             raise BadRequest("request body is not valid JSON") from None
         if not isinstance(body, dict):
             raise BadRequest("request body must be a JSON object")
         if body.get("model") not in (None, model_id, "default"):
             raise BadRequest(f"model {body.get('model')!r} does not exist (this server runs {model_id!r})", 404,
                              "model", "model_not_found")
+        check_unsupported(body)
         if chat:
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not messages or not all(
-                    isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in messages):
-                raise BadRequest("messages must be a non-empty list of {role, content} objects", param="messages")
             try:
-                prompt = engine.encode([{"role": m["role"], "content": m["content"]} for m in messages])
+                prompt = engine.encode(chat_messages(body.get("messages")))
             except ChatTemplateError as e:
                 raise BadRequest(str(e).replace("--raw in the CLI, ", ""), param="messages") from None
         else:
@@ -174,26 +243,20 @@ def build_app(engine: Engine, model_id: str, max_batch: int = 8, draft_tokens="a
                 raise BadRequest("prompt must be a non-empty string", param="prompt")
             prompt = engine.encode(text)
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 256))
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        if not is_int(max_tokens) or max_tokens < 1:
             raise BadRequest("max_tokens must be a positive integer", param="max_tokens")
         if len(prompt) + max_tokens > context:
             raise BadRequest(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the context "
                              f"({context} tokens)", param="messages" if chat else "prompt",
                              code="context_length_exceeded")
-        temperature, top_p = body.get("temperature"), body.get("top_p")  # OpenAI's defaults: 1 and 1
-        try:
-            params = SamplingParams(1.0 if temperature is None else float(temperature), 1.0 if top_p is None else float(top_p))
-        except (TypeError, ValueError) as e:
-            raise BadRequest(str(e), param="temperature") from None
-        stop = body.get("stop") or ()
-        stops = (stop,) if isinstance(stop, str) else tuple(stop)
-        if not all(isinstance(s, str) for s in stops):
-            raise BadRequest("stop must be a string or a list of strings", param="stop")
+        params = SamplingParams(number(body, "temperature", 1.0, 0, 2),
+                                number(body, "top_p", 1.0, 0, 1, open_low=True))
         seed = body.get("seed")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        if seed is not None and not is_int(seed):
             raise BadRequest("seed must be an integer", param="seed")
-        job = Job(prompt, max_tokens, params, stops, seed, asyncio.get_running_loop())
-        return job, body
+        if not isinstance(body.get("stream", False), bool):
+            raise BadRequest("stream must be true or false", param="stream")
+        return Job(prompt, max_tokens, params, stop_strings(body.get("stop")), seed, asyncio.get_running_loop()), body
 
     def text_of(tokens, stops, final: bool) -> str:
         """Decoded text so far: cut at a stop string, holding back what could still become one (or half a char)."""
@@ -277,7 +340,15 @@ def build_app(engine: Engine, model_id: str, max_batch: int = 8, draft_tokens="a
     async def completions(request):
         return await completion(request, chat=False)
 
-    app = Starlette(routes=[
+    async def http_error(request: Request, exc: HTTPException):
+        what = {404: f"no route {request.url.path} (see /v1/models, /v1/chat/completions, /v1/completions)",
+                405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+        return error(what, exc.status_code, code="not_found" if exc.status_code == 404 else None)
+
+    async def server_error(request: Request, exc: Exception):  # never a traceback to the client
+        return error("internal server error", 500, kind="server_error")
+
+    app = Starlette(exception_handlers={HTTPException: http_error, Exception: server_error}, routes=[
         Route("/health", health), Route("/v1/models", models),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),

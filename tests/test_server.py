@@ -187,3 +187,119 @@ def test_messages_the_chat_template_refuses_are_a_400(mlx_dir):
             {"role": "assistant", "content": "x"}, {"role": "assistant", "content": "y"}]})
         assert r.status_code == 400, r.text
         assert r.json()["error"]["param"] == "messages" and "chat template refused" in r.json()["error"]["message"]
+
+
+# --- fuzz: malformed requests, each a 4xx in OpenAI's error shape, the server still serving ------------------------
+
+OK = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+CHAT, TEXT = "/v1/chat/completions", "/v1/completions"
+MALFORMED = [  # (method, route, body: bytes or a dict merged into OK (None drops a key), status, param)
+    ("POST", CHAT, b"{not json", 400, None),
+    ("POST", CHAT, b"", 400, None),
+    ("POST", CHAT, b"\xff\xfe{\x00", 400, None),
+    ("POST", CHAT, b"[" * 100_000 + b"]" * 100_000, 400, None),
+    ("POST", CHAT, b"[]", 400, None),
+    ("POST", CHAT, b"42", 400, None),
+    ("POST", CHAT, b'"hi"', 400, None),
+    ("POST", CHAT, b"null", 400, None),
+    ("POST", CHAT, {"messages": None}, 400, "messages"),
+    ("POST", CHAT, {"messages": "hi"}, 400, "messages"),
+    ("POST", CHAT, {"messages": []}, 400, "messages"),
+    ("POST", CHAT, {"messages": [1]}, 400, "messages[0]"),
+    ("POST", CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
+    ("POST", CHAT, {"messages": [{"content": "hi"}]}, 400, "messages[0].role"),
+    ("POST", CHAT, {"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]}, 400,
+     "messages[1].role"),
+    ("POST", CHAT, {"messages": [{"role": "user"}]}, 400, "messages[0].content"),
+    ("POST", CHAT, {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+    ("POST", CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     400, "messages[0].content"),
+    ("POST", CHAT, {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, 400, "messages[0].content"),
+    ("POST", CHAT, {"max_tokens": -5}, 400, "max_tokens"),
+    ("POST", CHAT, {"max_tokens": 0}, 400, "max_tokens"),
+    ("POST", CHAT, {"max_tokens": "ten"}, 400, "max_tokens"),
+    ("POST", CHAT, {"max_tokens": 1.5}, 400, "max_tokens"),
+    ("POST", CHAT, {"max_tokens": True}, 400, "max_tokens"),
+    ("POST", CHAT, {"max_tokens": None, "max_completion_tokens": -1}, 400, "max_tokens"),
+    ("POST", CHAT, {"max_tokens": 10**9}, 400, "messages"),
+    ("POST", CHAT, {"temperature": -1}, 400, "temperature"),
+    ("POST", CHAT, {"temperature": "hot"}, 400, "temperature"),
+    ("POST", CHAT, {"temperature": 3}, 400, "temperature"),
+    ("POST", CHAT, {"temperature": True}, 400, "temperature"),
+    ("POST", CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, "temperature"),
+    ("POST", CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "top_p": Infinity}', 400, "top_p"),
+    ("POST", CHAT, {"top_p": 5}, 400, "top_p"),
+    ("POST", CHAT, {"top_p": 0}, 400, "top_p"),
+    ("POST", CHAT, {"top_p": "x"}, 400, "top_p"),
+    ("POST", CHAT, {"stop": 5}, 400, "stop"),
+    ("POST", CHAT, {"stop": [1, 2]}, 400, "stop"),
+    ("POST", CHAT, {"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("POST", CHAT, {"stop": [""]}, 400, "stop"),
+    ("POST", CHAT, {"stop": {"a": 1}}, 400, "stop"),
+    ("POST", CHAT, {"seed": "x"}, 400, "seed"),
+    ("POST", CHAT, {"seed": 1.5}, 400, "seed"),
+    ("POST", CHAT, {"n": 2}, 400, "n"),
+    ("POST", CHAT, {"n": 0}, 400, "n"),
+    ("POST", CHAT, {"n": "1"}, 400, "n"),
+    ("POST", CHAT, {"stream": "yes"}, 400, "stream"),
+    ("POST", CHAT, {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    ("POST", CHAT, {"logprobs": True}, 400, "logprobs"),
+    ("POST", CHAT, {"frequency_penalty": 1.0}, 400, "frequency_penalty"),
+    ("POST", TEXT, {"messages": None}, 400, "prompt"),
+    ("POST", TEXT, {"messages": None, "prompt": 5}, 400, "prompt"),
+    ("POST", TEXT, {"messages": None, "prompt": ""}, 400, "prompt"),
+    ("POST", TEXT, {"messages": None, "prompt": ["a", "b"]}, 400, "prompt"),
+    ("GET", CHAT, None, 405, None),
+    ("PUT", TEXT, None, 405, None),
+    ("DELETE", "/v1/models", None, 405, None),
+    ("GET", "/nope", None, 404, None),
+    ("POST", "/v1/embeddings", {}, 404, None),
+    ("GET", "/v1", None, 404, None),
+    ("GET", "/v1/chat/completions/extra", None, 404, None),
+]
+
+
+def request_body(body):
+    if body is None or isinstance(body, bytes):
+        return body
+    return json.dumps({k: v for k, v in {**OK, **body}.items() if v is not None}).encode()
+
+
+@pytest.fixture(scope="module")
+def fuzz_http(mlx_dir):
+    from starlette.testclient import TestClient
+
+    app = build_app(gemma_mlx.load(mlx_dir("e2blike")), "tiny", max_batch=2, draft_tokens=0)
+    with TestClient(app, raise_server_exceptions=False) as http:
+        yield http
+    app.state.scheduler.close()
+
+
+def test_malformed_requests_are_4xx_json_naming_the_field(fuzz_http):
+    """Every malformed request gets OpenAI's error shape with the right status and `param`; none reaches the
+    scheduler or kills the server, which answers a good request afterwards."""
+    failures = []
+    for method, route, body, status, param in MALFORMED:
+        r = fuzz_http.request(method, route, content=request_body(body), headers={"content-type": "application/json"})
+        try:
+            err = r.json()["error"]
+            ok = r.status_code == status and set(err) == {"message", "type", "param", "code"} and err["message"]
+            ok = ok and (param is None or err["param"] == param) and "Traceback" not in r.text
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            failures.append(f"{method} {route} {request_body(body)!r:.80}: {r.status_code} {r.text[:200]}")
+    print(f"{len(MALFORMED)} malformed requests, {len(MALFORMED) - len(failures)} answered 4xx JSON")
+    assert len(MALFORMED) >= 40 and not failures, "\n".join(failures)
+    r = fuzz_http.post(CHAT, json={**OK, "temperature": 0})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+def test_a_500_carries_no_traceback(fuzz_http, monkeypatch):
+    from gemma_mlx import server
+
+    monkeypatch.setattr(server, "check_unsupported", lambda body: 1 / 0)
+    r = fuzz_http.post(CHAT, json=OK)
+    assert r.status_code == 500 and r.json()["error"] == {"message": "internal server error", "type": "server_error",
+                                                          "param": None, "code": None}
+    assert "ZeroDivision" not in r.text
