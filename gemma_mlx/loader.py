@@ -16,6 +16,7 @@ import mlx.nn as nn
 from mlx_lm.utils import load_model, load_tokenizer
 
 from .config import ConfigError, DrafterConfig, TextConfig, model_kind, text_config_of
+from .convert.safetensors_io import SafetensorsError, open_checkpoint
 from .drafter import Drafter
 from .gemma3 import TARGET_TYPES as GEMMA3_TYPES, Gemma3Config, Gemma3Target, gemma3_text_config_of
 from .target import Target
@@ -46,8 +47,10 @@ def resolve(source: str | Path, dtype: str = "bf16", progress: bool = True) -> P
     from .convert import convert, is_mlx_checkpoint
 
     path = Path(source).expanduser()
-    if path.is_dir() and is_mlx_checkpoint(path):
-        return path
+    if path.is_dir():
+        check_weights(path)
+        if is_mlx_checkpoint(path):
+            return path
     if not path.is_dir() and path.suffix != ".gguf" and (path.exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") != 1):
         raise LoadError(f"{source}: no such model directory (and not a hub id like 'google/gemma-4-e2b-it')")
     local = path.exists()
@@ -62,7 +65,19 @@ def resolve(source: str | Path, dtype: str = "bf16", progress: bool = True) -> P
             convert(str(source), out, dtype=dtype, progress=progress)
         except ConvertError as e:
             raise LoadError(str(e)) from None
+    check_weights(out)
     return out
+
+
+def check_weights(path: Path):
+    """Every weight file's header parsed and its byte ranges checked against the file's size (headers only): a
+    truncated download or a damaged file is one line here, not a failure deep inside the load."""
+    if not (path / "config.json").exists():
+        return  # read_config says so
+    try:
+        open_checkpoint(path)
+    except SafetensorsError as e:
+        raise LoadError(f"{path}: {e}: re-download or re-convert it") from None
 
 
 class _TargetArgs:

@@ -142,3 +142,45 @@ def test_a_ctrl_c_whose_keyboardinterrupt_python_drops_still_stops_the_reply(mon
     finally:
         signal.signal(signal.SIGINT, previous)
     assert text == "w0 w1 w2 w3 "
+
+
+def damaged_copies(src, tmp_path):
+    """Copies of a converted checkpoint with its weight file truncated at 10 offsets (in the length prefix, the JSON
+    header and the data) and with 10 header bytes flipped, plus one with a shard missing from its index."""
+    import shutil
+    import struct
+
+    shard = "model.safetensors"
+    data = (src / shard).read_bytes()
+    header_end = 8 + struct.unpack("<Q", data[:8])[0]
+    cuts = [0, 3, 8, 9, header_end // 2, header_end - 1, header_end, header_end + 1, len(data) // 2, len(data) - 1]
+    flips = [1, 5, 7] + [8 + i * (header_end - 9) // 6 for i in range(7)]
+    damaged = [(f"cut at {c}", data[:c]) for c in cuts]
+    damaged += [(f"byte {i} flipped", data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:]) for i in flips]
+    for i, (what, content) in enumerate(damaged):
+        d = tmp_path / f"damaged-{i}"
+        shutil.copytree(src, d)
+        (d / shard).write_bytes(content)
+        yield what, d
+    d = tmp_path / "missing-shard"
+    shutil.copytree(src, d)
+    (d / shard).unlink()
+    yield "shard missing", d
+
+
+def test_a_damaged_checkpoint_is_one_line_for_load_generate_and_info(tiny, tmp_path):
+    import gemma_mlx
+
+    tried = 0
+    for what, d in damaged_copies(tiny / "tiny", tmp_path / "target"):
+        with pytest.raises(gemma_mlx.LoadError, match="re-download or re-convert") as e:
+            gemma_mlx.load(d)
+        assert "\n" not in str(e.value), what
+        for args in (["generate", "-m", str(d), "-d", "none", "-p", "hi"], ["info", str(d)]):
+            one_line_error(runner.invoke(app, args), "re-download or re-convert")
+        tried += 1
+    for what, d in damaged_copies(tiny / "tiny-assistant", tmp_path / "drafter"):
+        one_line_error(runner.invoke(app, ["generate", "-m", str(tiny / "tiny"), "-d", str(d), "-p", "hi"]),
+                       "re-download or re-convert")
+        tried += 1
+    print(f"{tried} damaged checkpoints, each one line for load, generate and info")
