@@ -97,7 +97,6 @@ def convert_gguf(gguf_path, out_dir, dtype: str = "bf16", quantize: int | None =
                  force: bool = False, progress: bool = False) -> Path:
     """Convert a Gemma 3 GGUF file into an MLX dir at `out_dir` (fp32/bf16/fp16, optionally 4/8-bit)."""
     try:
-        from gguf import GGUFReader
         from gguf.quants import dequantize
     except ImportError:
         raise GGUFError("reading GGUF files needs the `gguf` package (pip install gguf)") from None
@@ -110,15 +109,8 @@ def convert_gguf(gguf_path, out_dir, dtype: str = "bf16", quantize: int | None =
     path, out = Path(gguf_path), Path(out_dir)
     if out.exists() and not force:
         raise GGUFError(f"{out} already exists (use --force to replace it)")
-    try:
-        reader = GGUFReader(path)
-    except (OSError, ValueError, IndexError, KeyError) as e:  # gguf-py's ways of rejecting a bad/truncated file
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise GGUFError(f"{path}: not a readable GGUF file ({why})") from None
+    reader = _open(path)
     meta = read_metadata(reader)
-    arch = meta.get("general.architecture")
-    if arch != "gemma3":
-        raise GGUFError(f"{path.name}: GGUF architecture {arch!r} is not supported (only gemma3)")
     tensors = {t.name: t for t in reader.tensors}
     raw = gemma3_config(meta, set(tensors))
     cfg = Gemma3Config.from_dict(raw)  # ConfigError for what the runtime cannot run
@@ -164,6 +156,30 @@ def convert_gguf(gguf_path, out_dir, dtype: str = "bf16", quantize: int | None =
         (tmp / "generation_config.json").write_text(json.dumps(
             {k: cfg_out[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}, indent=2))
     return out
+
+
+def describe_gguf(gguf_path) -> tuple[dict, list[tuple[str, int, int]]]:
+    """(HF-style config, [(tensor type, elements, bytes)]) of a Gemma 3 GGUF, from its metadata and tensor table
+    only (nothing dequantized): what `gemma-mlx info` shows without converting."""
+    reader = _open(Path(gguf_path))
+    raw = gemma3_config(read_metadata(reader), {t.name for t in reader.tensors})
+    return raw, [(t.tensor_type.name, int(t.n_elements), int(t.n_bytes)) for t in reader.tensors]
+
+
+def _open(path: Path):
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise GGUFError("reading GGUF files needs the `gguf` package (pip install gguf)") from None
+    try:
+        reader = GGUFReader(path)
+    except (OSError, ValueError, IndexError, KeyError) as e:  # gguf-py's ways of rejecting a bad/truncated file
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise GGUFError(f"{path}: not a readable GGUF file ({why})") from None
+    arch = reader.fields.get("general.architecture")
+    if arch is None or arch.contents() != "gemma3":
+        raise GGUFError(f"{path.name}: GGUF architecture {arch and arch.contents()!r} is not supported (only gemma3)")
+    return reader
 
 
 def read_metadata(reader) -> dict:

@@ -4,6 +4,8 @@ that is renamed at the end, so a failed, interrupted or killed conversion never 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import json
 import os
 import shutil
@@ -58,14 +60,20 @@ class ShardWriter:
         (self.out / INDEX).write_text(json.dumps(index, indent=2))
 
 
+LOCK = ".converting"  # held (flock) by the conversion writing a temp dir; the kernel drops it when the process dies
+
+
 @contextlib.contextmanager
 def atomic_dir(out: Path, force: bool):
     """Yield a temp dir `.NAME.tmp-*` next to `out` (same filesystem); on success it becomes `out` (an existing
     `out` is replaced only with force: renamed aside, the new dir renamed in, the old one deleted); on any failure or
-    interrupt the temp dir is removed."""
+    interrupt the temp dir is removed. Temp dirs that killed conversions of `out` left behind go first."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    lock = open(tmp / LOCK, "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
     try:
         yield tmp
         if os.path.lexists(out):
@@ -77,6 +85,23 @@ def atomic_dir(out: Path, force: bool):
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
+        (out / LOCK).unlink()  # renamed with the dir, still held: no cleaner could take the dir before this
+        lock.close()
     except BaseException:
+        lock.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_leftovers(out: Path):
+    """Delete `.NAME.tmp-*` / `.NAME.old-*` dirs next to `out` whose conversion is dead (kill -9, power loss): their
+    lock is free. A live conversion of the same output holds its lock, and its dir stays."""
+    for d in [*out.parent.glob(f".{glob.escape(out.name)}.tmp-*"), *out.parent.glob(f".{glob.escape(out.name)}.old-*")]:
+        try:
+            with open(d / LOCK, "a") as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue
+        except OSError:  # not a dir of ours any more (removed meanwhile, or unwritable): leave it
+            continue
+        shutil.rmtree(d, ignore_errors=True)

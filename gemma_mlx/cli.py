@@ -14,13 +14,18 @@ from rich.table import Table
 from . import _blas
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
-                  help="Gemma 4 on MLX with its MTP drafters: lossless speculative decoding, 2-3x faster answers.\n\n"
+                  help="Gemma 4 on MLX with its MTP drafters: lossless speculative decoding (the same tokens as plain "
+                       "decoding, fewer target passes).\n\n"
                        "Examples:\n\n"
+                       "  gemma-mlx chat --demo\n\n"
                        "  gemma-mlx chat\n\n"
                        "  gemma-mlx chat --model models/e2b --drafter models/e2b-assistant --temp 0.7\n\n"
                        "  gemma-mlx generate --prompt 'Why is the sky blue?' --max-tokens 100\n\n"
                        "  gemma-mlx convert google/gemma-4-e2b-it models/e2b --quantize 4\n\n"
                        "  gemma-mlx info models/e2b --drafter models/e2b-assistant")
+if hasattr(typer.core.TyperOption, "display_type_rich"):  # typer >= 0.2x shows every flag as `<bool>`: not for flags
+    _show_type = typer.core.TyperOption.display_type_rich
+    typer.core.TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else _show_type(self, ctx)
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -98,9 +103,34 @@ def load_engine(model: Optional[str], drafter: Optional[str]):
         raise
     if guessed and drafter is None:
         err.print(f"[yellow]no MTP drafter known for {model}: plain decoding (pass --drafter DIR|ID)[/yellow]")
+    note_slow_weights(engine.target)
     if VERBOSE:
         err.print(f"[dim]target {model}, drafter {drafter or 'none'}[/dim]")
     return engine
+
+
+def slow_on_cpu(dtype: Optional[str], bits: Optional[int]) -> Optional[str]:
+    """What weights of this kind cost on MLX's CPU backend (None when they are the fast kind, or not on the CPU)."""
+    if not _on_cpu():
+        return None
+    if bits:
+        return (f"{bits}-bit weights are dequantized in every matmul on MLX's CPU backend: several times slower "
+                "than fp32 there (quantize for Metal; fp32 is the fast choice on this machine)")
+    if dtype in ("bf16", "fp16"):
+        return f"{dtype} weights decode about 3x slower than fp32 on MLX's CPU backend (fp32 is its default)"
+    return None
+
+
+def note_slow_weights(model):
+    """Once per load: a dim line when the target's weights are a slow kind on this backend."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    kinds = {v.dtype for _, v in tree_flatten(model.parameters())}
+    bits = next((m.bits for m in model.modules() if hasattr(m, "bits") and "scales" in m), None)
+    note = slow_on_cpu("bf16" if mx.bfloat16 in kinds else "fp16" if mx.float16 in kinds else None, bits)
+    if note:
+        err.print(f"[dim]note: {note}[/dim]")
 
 
 DEMO_ID = "gemma-3-270m-demo"
@@ -208,7 +238,7 @@ def stream_reply(engine, messages: list, ctrl_c: CtrlC, **kwargs):
 @app.command()
 @user_errors
 def chat(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Target dir or hub id [default: {DEFAULT_MODEL}]."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Target dir or hub id \\[default: {DEFAULT_MODEL}]."),
     drafter: Optional[str] = typer.Option(None, "--drafter", "-d", help="Drafter dir or hub id, or 'none'. "
                                           "Default: the target's known assistant."),
     draft_tokens: str = typer.Option("auto", "--draft-tokens", "-k", help="Drafted tokens per round: N or auto."),
@@ -219,7 +249,9 @@ def chat(
     demo: bool = typer.Option(False, "--demo", help="Chat with the demo pair (Gemma 3 270M + its distilled "
                               "drafter; `make demo` installs it)."),
 ):
-    """Chat in the terminal, with streaming, multi-turn prompt-cache reuse and a speed line after each reply."""
+    """Chat in the terminal, with streaming, multi-turn prompt-cache reuse and a speed line after each reply.
+
+    Example: gemma-mlx chat --model models/e2b --drafter models/e2b-assistant --temp 0.7"""
     draft = parse_draft(draft_tokens)
     check_sampling(temp, top_p, max_tokens)
     engine = demo_engine(model, drafter) if demo else load_engine(model, drafter)
@@ -294,7 +326,7 @@ def chat(
 def generate(
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The prompt."),
     prompts_file: Optional[Path] = typer.Option(None, "--prompts-file", help="One prompt per line."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Target dir or hub id [default: {DEFAULT_MODEL}]."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Target dir or hub id \\[default: {DEFAULT_MODEL}]."),
     drafter: Optional[str] = typer.Option(None, "--drafter", "-d", help="Drafter dir or hub id, or 'none'."),
     draft_tokens: str = typer.Option("auto", "--draft-tokens", "-k", help="Drafted tokens per round: N or auto."),
     temp: float = typer.Option(0.0, "--temp", help="Sampling temperature (0 = greedy)."),
@@ -306,11 +338,13 @@ def generate(
     batch_size: int = typer.Option(1, "--batch-size", "-b", help="Prompts decoded together (batch mode)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per prompt on stdout (text, tokens, stats)."),
     demo: bool = typer.Option(False, "--demo", help="The demo pair (Gemma 3 270M + its distilled drafter): each "
-                              "prompt greedy with MTP and without, compared [default prompts: 4 built-in ones, "
+                              "prompt greedy with MTP and without, compared \\[default prompts: 4 built-in ones, "
                               "64 tokens]."),
     repeats: int = typer.Option(2, "--repeats", help="With --demo: runs of each prompt, alternating MTP and plain."),
 ):
-    """Generate once: text on stdout, stats on stderr (or --json for scripts)."""
+    """Generate once: text on stdout, stats on stderr (or --json for scripts).
+
+    Example: gemma-mlx generate --model models/e2b --prompt 'Why is the sky blue?' --max-tokens 100"""
     import gemma_mlx
 
     if batch_size < 1:
@@ -417,18 +451,26 @@ def _on_cpu() -> bool:
 @app.command()
 @user_errors
 def convert(
-    src: str = typer.Argument(..., help="Hugging Face checkpoint: a local dir or a hub id."),
+    src: str = typer.Argument(..., metavar="SRC", help="A Hugging Face checkpoint (a local dir or a hub id), a Gemma 3 "
+                              ".gguf file, or an MLX dir to re-quantize."),
     out_dir: Path = typer.Argument(..., metavar="OUT", help="Where to write the MLX checkpoint."),
-    dtype: str = typer.Option("bf16", "--dtype", help="bf16, fp16 or fp32."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 \\[default: the backend's fast "
+                                        "one: fp32 on MLX's CPU backend, bf16 on Metal and CUDA]."),
     quantize: Optional[int] = typer.Option(None, "--quantize", "-q", help="4 or 8 bits."),
     group_size: int = typer.Option(64, "--group-size", help="Quantization group size: 32, 64 or 128."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ):
-    """Convert a Gemma 4 target or its assistant to MLX (streams tensor by tensor; atomic)."""
-    from .convert import convert as run
+    """Convert a Gemma 4 target or its assistant (or a Gemma 3 GGUF) to MLX: streams tensor by tensor, writes a temp
+    dir renamed when complete.
+
+    Example: gemma-mlx convert google/gemma-4-e2b-it models/e2b"""
+    from .convert import convert as run, default_dtype
 
     path = run(src, out_dir, dtype=dtype, quantize=quantize, group_size=group_size, force=force)
     err.print(f"[green]wrote[/green] {path}")
+    note = slow_on_cpu(dtype or default_dtype(), quantize)
+    if note:
+        err.print(f"[dim]note: {note}[/dim]")
 
 
 # --- info -----------------------------------------------------------------------------------------------------
@@ -440,22 +482,17 @@ def info(
     model: str = typer.Argument(..., help="A model dir or hub id (target or drafter)."),
     drafter: Optional[str] = typer.Option(None, "--drafter", "-d", help="Check whether this drafter fits the target."),
 ):
-    """Architecture, size, dtype/quantization, memory estimate; with --drafter, whether the pair matches."""
-    from mlx.utils import tree_flatten
+    """Architecture, size, dtype/quantization, memory estimate; with --drafter, whether the pair matches.
 
-    from .drafter import Drafter, PairError, check_pair
-    from .loader import load_checkpoint, read_config, resolve
+    Example: gemma-mlx info models/e2b --drafter models/e2b-assistant"""
+    from .drafter import PairError, check_pair
+    from .loader import describe
 
-    path = resolve(model)
-    m = load_checkpoint(path)
-    raw = read_config(path)
-    cfg = m.config.text if isinstance(m, Drafter) else m.config
-    params = tree_flatten(m.parameters())
-    weight_bytes = sum(v.nbytes for _, v in params)
-    n_params = sum(v.size for k, v in params if not k.endswith((".scales", ".biases")))
-    q = raw.get("quantization")
+    m = describe(model)  # config and weight headers (a GGUF's metadata): nothing converted or loaded
+    cfg = m.config.text if m.is_drafter else m.config
+    q = m.raw.get("quantization")
     table = Table(show_header=False, show_edge=False)
-    table.add_row("model", f"{raw.get('model_type')} ({'drafter' if isinstance(m, Drafter) else 'target'}) {path}")
+    table.add_row("model", f"{m.raw.get('model_type')} ({'drafter' if m.is_drafter else 'target'}) {m.path}")
     kinds = {t: cfg.layer_types.count(t) for t in ("sliding_attention", "full_attention")}
     table.add_row("layers", f"{cfg.num_hidden_layers} ({kinds['sliding_attention']} sliding, "
                             f"{kinds['full_attention']} full), window {cfg.sliding_window}")
@@ -463,24 +500,25 @@ def info(
                                     f"head dim {cfg.head_dim} sliding, {cfg.global_head_dim} full")
     features = [f for f, on in (("PLE", cfg.hidden_size_per_layer_input), ("MoE", cfg.enable_moe_block),
                                 ("k_eq_v", cfg.attention_k_eq_v)) if on]
-    if cfg.num_kv_shared_layers and not isinstance(m, Drafter):
+    if cfg.num_kv_shared_layers and not m.is_drafter:
         features.append(f"{cfg.num_kv_shared_layers} kv-shared layers")
     table.add_row("features", ", ".join(features) or "-")
-    table.add_row("parameters", f"{n_params / 1e6:.1f} M")
-    dtypes = sorted({str(v.dtype).split(".")[-1] for k, v in params if not k.endswith((".scales", ".biases"))})
-    table.add_row("dtype", ", ".join(dtypes) + (f"; {q['bits']}-bit, group {q['group_size']}" if q else ""))
-    table.add_row("weights", f"{weight_bytes / 2**30:.2f} GiB")
-    if not isinstance(m, Drafter):
+    table.add_row("parameters", f"{m.parameters / 1e6:.1f} M")
+    dtypes = ", ".join(t.lower().replace("u32", "uint32") for t in m.dtypes)
+    table.add_row("dtype", dtypes + (f"; {q['bits']}-bit, group {q['group_size']}" if q else "") +
+                  ("; converted to fp32/bf16 when loaded" if m.path.suffix == ".gguf" else ""))
+    table.add_row("weights", f"{m.nbytes / 2**30:.2f} GiB")
+    if not m.is_drafter:
         table.add_row("KV per 1k tokens", f"{kv_bytes_per_token(cfg, 2) * 1000 / 2**20:.1f} MiB (bf16)")
     out.print(table)
     if drafter:
-        if isinstance(m, Drafter):
+        if m.is_drafter:
             raise UserError(f"{model} is a drafter; pass the target first")
-        d = load_checkpoint(resolve(drafter))
-        if not isinstance(d, Drafter):
+        d = describe(drafter)
+        if not d.is_drafter:
             raise UserError(f"{drafter} is not a drafter (gemma4_assistant)")
         try:
-            check_pair(m, d)
+            check_pair(m.config, d.config)
         except PairError as e:
             out.print(f"[red]pair does not match:[/red] {e}")
             raise typer.Exit(1)
@@ -491,7 +529,7 @@ def info(
 @app.command()
 @user_errors
 def serve(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Target dir or hub id [default: {DEFAULT_MODEL}]."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Target dir or hub id \\[default: {DEFAULT_MODEL}]."),
     drafter: Optional[str] = typer.Option(None, "--drafter", "-d", help="Drafter dir or hub id, or 'none'."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
     port: int = typer.Option(8080, "--port", help="Port."),
@@ -500,7 +538,9 @@ def serve(
     demo: bool = typer.Option(False, "--demo", help=f"Serve the demo pair as model {DEMO_ID!r}."),
 ):
     """An OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /health); concurrent
-    requests share batched MTP rounds."""
+    requests share batched MTP rounds.
+
+    Example: gemma-mlx serve --model models/e2b --drafter models/e2b-assistant --port 8080"""
     from .server import serve as run
 
     if max_batch < 1:
@@ -547,31 +587,34 @@ class DistillProgress:
 def distill(
     target: str = typer.Option(..., "--target", "-t", help="Target model dir or hub id (Gemma 4 or Gemma 3 text)."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Where to write the drafter (Hugging Face layout)."),
-    layers: Optional[int] = typer.Option(None, "--layers", help="Drafter layers [default: 4]."),
-    hidden_size: Optional[int] = typer.Option(None, "--hidden-size", help="Drafter hidden size d [default: 256]."),
+    layers: Optional[int] = typer.Option(None, "--layers", help="Drafter layers \\[default: 4]."),
+    hidden_size: Optional[int] = typer.Option(None, "--hidden-size", help="Drafter hidden size d \\[default: 256]."),
     num_centroids: Optional[int] = typer.Option(None, "--num-centroids", help="Centroid-head groups; must divide "
-                                                "the vocabulary [default: vocab/128]."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Training steps [default: 2000 without "
+                                                "the vocabulary \\[default: vocab/128]."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Training steps \\[default: 2000 without "
                                         "--time-budget, else until the budget runs out]."),
     time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Wall-clock minutes for the whole run; "
                                                 "training stops in time to measure acceptance and save."),
     draft_steps: Optional[int] = typer.Option(None, "--draft-steps", "-k", help="K chained drafter steps in the "
-                                              "loss and the acceptance figure [default: 4]."),
+                                              "loss and the acceptance figure \\[default: 4]."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompts to continue, one per line (a tenth "
-                                           "held out) [default: built-in varied prompts]."),
-    samples: Optional[int] = typer.Option(None, "--samples", help="Sequences the target generates [default: 256]."),
+                                           "held out) \\[default: built-in varied prompts]."),
+    samples: Optional[int] = typer.Option(None, "--samples", help="Sequences the target generates \\[default: 256]."),
     corpus: Optional[list[Path]] = typer.Option(None, "--corpus", help="Text files or directories the target is "
-                                                "teacher-forced over (repeatable) [default: none]."),
+                                                "teacher-forced over (repeatable) \\[default: none]."),
     corpus_tokens: Optional[int] = typer.Option(None, "--corpus-tokens", help="Corpus positions to teacher-force "
-                                                "[default: 300000]."),
+                                                "\\[default: 300000]."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Tokens per generated sequence "
-                                                 "[default: 128]."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed [default: 0]."),
+                                                 "\\[default: 128]."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed \\[default: 0]."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in OUT.work."),
     force: bool = typer.Option(False, "--force", help="Replace OUT (and an earlier run's checkpoint)."),
 ):
     """Train an MTP drafter (gemma4_assistant) for a target that has none, saved in Hugging Face layout for
-    `gemma-mlx convert`; prints held-out acceptance per draft position."""
+    `gemma-mlx convert`; prints held-out acceptance per draft position.
+
+    Example: gemma-mlx distill --target models/gemma3-270m --out models/gemma3-270m-drafter-hf --corpus ~/texts
+    --time-budget 120"""
     from .distill import Options, prepare, train
 
     opts = Options(target=target, out=str(out_dir), layers=layers, hidden_size=hidden_size,

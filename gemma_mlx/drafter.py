@@ -135,7 +135,7 @@ class Drafter(nn.Module):
 
     def bind(self, target: Target) -> "Drafter":
         """Attach the target whose embedding and cache this drafter reads (kept out of the parameter tree)."""
-        check_pair(target, self)
+        check_pair(target.config, self.config)
         object.__setattr__(self, "_target", target)
         object.__setattr__(self, "_compiled", {})
         return self
@@ -153,8 +153,8 @@ class PairError(ValueError):
     """A drafter that cannot serve this target; the message says why."""
 
 
-def check_pair(target: Target, drafter: Drafter):
-    t, a = target.config, drafter.config
+def check_pair(t, a: DrafterConfig):
+    """PairError unless a drafter of config `a` can read a target of config `t` (a TextConfig or Gemma3Config)."""
     if a.backbone_hidden_size != t.hidden_size:
         raise PairError(f"drafter backbone_hidden_size {a.backbone_hidden_size} != target hidden_size {t.hidden_size}")
     if a.text.vocab_size != t.vocab_size:

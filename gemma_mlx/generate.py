@@ -58,9 +58,10 @@ class Engine:
         return list(prompt)
 
 
-def load(target, drafter=None, dtype: str = "bf16", progress: bool = True) -> Engine:
-    """Load a target and optionally its MTP drafter (a local dir, a converted dir or a hub id). A drafter that does
-    not fit the target (hidden size, vocabulary, KV geometry) is refused with the reason (PairError)."""
+def load(target, drafter=None, dtype: str | None = None, progress: bool = True) -> Engine:
+    """Load a target and optionally its MTP drafter (a local dir, a converted dir or a hub id; a hub id or a Hugging
+    Face dir is converted once, in `dtype`: by default fp32 on MLX's CPU backend, bf16 on Metal and CUDA). A drafter
+    that does not fit the target (hidden size, vocabulary, KV geometry) is refused with the reason (PairError)."""
     model, tokenizer, _ = load_target(target, dtype, progress)
     engine = Engine(model, tokenizer)
     if drafter is not None:

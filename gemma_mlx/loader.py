@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.nn as nn
@@ -42,9 +44,10 @@ def read_config(path: Path) -> dict:
         raise LoadError(f"{path}/config.json: unreadable ({e})") from None
 
 
-def resolve(source: str | Path, dtype: str = "bf16", progress: bool = True) -> Path:
-    """A loadable MLX dir for `source`: itself if already MLX, else its conversion in the cache dir."""
-    from .convert import convert, is_mlx_checkpoint
+def resolve(source: str | Path, dtype: str | None = None, progress: bool = True) -> Path:
+    """A loadable MLX dir for `source`: itself if already MLX, else its conversion in the cache dir (in `dtype`, by
+    default the backend's fast one: `convert.default_dtype()`)."""
+    from .convert import convert, default_dtype, is_mlx_checkpoint
 
     path = Path(source).expanduser()
     if path.is_dir():
@@ -54,6 +57,7 @@ def resolve(source: str | Path, dtype: str = "bf16", progress: bool = True) -> P
     if not path.is_dir() and path.suffix != ".gguf" and (path.exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") != 1):
         raise LoadError(f"{source}: no such model directory (and not a hub id like 'google/gemma-4-e2b-it')")
     local = path.exists()
+    dtype = dtype or default_dtype()
     # CONVERSION bumps when the converter writes more (v2: GGUFs get a chat template), so old conversions are redone
     tag = hashlib.sha256(f"{path.resolve() if local else source}|{dtype}|{CONVERSION}".encode()).hexdigest()[:12]
     name = (path.name if local else str(source).replace("/", "--")) + f"-{dtype}-{tag}"
@@ -78,6 +82,57 @@ def check_weights(path: Path):
         open_checkpoint(path)
     except SafetensorsError as e:
         raise LoadError(f"{path}: {e}: re-download or re-convert it") from None
+
+
+@dataclass
+class Description:
+    """A checkpoint as its files describe it (config.json and weight headers, or a GGUF's metadata): `gemma-mlx
+    info` without converting or loading anything."""
+
+    path: Path
+    raw: dict  # config.json (for a GGUF: the config its conversion writes)
+    config: object  # TextConfig, DrafterConfig or Gemma3Config
+    parameters: int  # weights' elements (quantized ones unpacked; scales and biases not counted)
+    nbytes: int
+    dtypes: list  # as the files name them: F32, BF16, U32 (packed quantized), Q4_K, ...
+
+    @property
+    def is_drafter(self) -> bool:
+        return isinstance(self.config, DrafterConfig)
+
+
+def describe(source: str | Path) -> Description:
+    """Describe a model dir (MLX or Hugging Face), a Gemma 3 GGUF file or a hub id (downloaded, not converted)."""
+    from .convert import ConvertError
+    from .convert.gguf import GGUFError, describe_gguf
+    from .convert.source import SourceError, resolve_source
+
+    path = Path(source).expanduser()
+    try:
+        if path.suffix == ".gguf" and path.is_file():
+            raw, tensors = describe_gguf(path)
+        else:
+            if not path.is_dir():
+                path = resolve_source(str(source), progress=True)
+            raw = read_config(path)
+            check_weights(path)
+            bits = (raw.get("quantization") or {}).get("bits")
+            tensors = [(f.dtype(k), _elements(k, f.shape(k), f.dtype(k), bits),
+                        f.entries[k]["data_offsets"][1] - f.entries[k]["data_offsets"][0])
+                       for k, f in open_checkpoint(path).items()]
+        config = _classes(raw)[1].from_dict(raw)
+    except (ConfigError, GGUFError, SourceError, ConvertError) as e:
+        raise LoadError(f"{source}: {e}") from None
+    return Description(path, raw, config, sum(n for _, n, _ in tensors), sum(b for _, _, b in tensors),
+                       sorted({t for t, n, _ in tensors if n}))
+
+
+def _elements(name: str, shape, dtype: str, bits) -> int:
+    """Parameters a tensor holds: quantization's scales and biases count none, a packed uint32 32 // bits each."""
+    if name.endswith((".scales", ".biases")):
+        return 0
+    n = math.prod(shape)
+    return n * 32 // bits if dtype == "U32" and bits else n
 
 
 class _TargetArgs:
@@ -130,7 +185,7 @@ def eos_ids(path: Path, raw: dict) -> list[int]:
     return ids
 
 
-def load_target(source, dtype: str = "bf16", progress: bool = True):
+def load_target(source, dtype: str | None = None, progress: bool = True):
     """(Target, tokenizer wrapper, path) for a target source."""
     path = resolve(source, dtype, progress)
     model = load_checkpoint(path)
@@ -143,7 +198,7 @@ def load_target(source, dtype: str = "bf16", progress: bool = True):
     return model, tokenizer, path
 
 
-def load_drafter(source, target: Target, dtype: str = "bf16", progress: bool = True) -> Drafter:
+def load_drafter(source, target: Target, dtype: str | None = None, progress: bool = True) -> Drafter:
     path = resolve(source, dtype, progress)
     model = load_checkpoint(path)
     if not isinstance(model, Drafter):

@@ -184,3 +184,47 @@ def test_a_damaged_checkpoint_is_one_line_for_load_generate_and_info(tiny, tmp_p
                        "re-download or re-convert")
         tried += 1
     print(f"{tried} damaged checkpoints, each one line for load, generate and info")
+
+
+def test_info_counts_quantized_parameters_unpacked(tiny, mlx_dir):
+    """info reads headers only; a 4-bit checkpoint has as many parameters as its fp32 source."""
+    import re
+
+    def parameters(path):
+        result = runner.invoke(app, ["info", str(path)])
+        assert result.exit_code == 0, result.output
+        return re.search(r"parameters\s+\S\s+([\d.]+) M", result.output).group(1)
+
+    assert parameters(mlx_dir("e2blike", quantize=4)) == parameters(tiny / "tiny")
+
+
+def test_help_shows_no_type_noise_and_every_default():
+    import re
+
+    for command in ("chat", "generate", "convert", "info", "serve", "distill"):
+        text = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"}).output
+        assert "<bool>" not in text and not re.search(r"\S \.(\s|$)", text) and "Example:" in text, command
+    assert "[default: 300000]" in runner.invoke(app, ["distill", "--help"], env={"COLUMNS": "200"}).output
+
+
+def test_the_default_dtype_is_the_backends_fast_one_and_a_slow_choice_says_so(hf_dir, tmp_path):
+    import mlx.core as mx
+
+    from gemma_mlx.convert import default_dtype
+    from gemma_mlx.convert.safetensors_io import open_checkpoint
+
+    on_cpu = mx.default_device() == mx.cpu
+    assert default_dtype() == ("fp32" if on_cpu else "bf16")
+    result = runner.invoke(app, ["convert", str(hf_dir("plain")), str(tmp_path / "default")])
+    assert result.exit_code == 0 and "note:" not in result.output, result.output
+    kinds = {f.dtype(k) for k, f in open_checkpoint(tmp_path / "default").items()}
+    assert "F32" in kinds and "BF16" not in kinds if on_cpu else "BF16" in kinds
+    if not on_cpu:
+        return
+    result = runner.invoke(app, ["convert", str(hf_dir("plain")), str(tmp_path / "bf16"), "--dtype", "bf16"])
+    assert result.output.count("note: bf16 weights decode about 3x slower than fp32") == 1, result.output
+    result = runner.invoke(app, ["generate", "-m", str(tmp_path / "bf16"), "-d", "none", "-p", "hi", "--raw",
+                                 "--max-tokens", "2"])
+    assert result.exit_code == 0 and result.output.count("note: bf16 weights") == 1, result.output
+    result = runner.invoke(app, ["convert", str(hf_dir("plain")), str(tmp_path / "q4"), "-q", "4"])
+    assert result.output.count("note: 4-bit weights") == 1, result.output

@@ -533,6 +533,19 @@ def test_a_killed_conversion_leaves_no_output(hf, tmp_path):
     assert leftovers and list(leftovers[0].glob("shard-*.safetensors"))
     assert not any((d / "config.json").exists() for d in leftovers)
 
+    # the next conversion of the same output removes what the killed one left, not a live conversion's temp dir
+    import fcntl
+
+    from gemma_mlx.convert.writer import LOCK
+
+    live = tmp_path / ".killed.tmp-live"
+    live.mkdir()
+    with open(live / LOCK, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        convert(hf("plain"), out, progress=False)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".killed.tmp-live", "killed"]
+    assert not (out / LOCK).exists()
+
 
 # --- sharding, hub ids, progress ---------------------------------------------------------------------------------
 

@@ -298,3 +298,17 @@ def test_a_gemma3_gguf_without_a_chat_template_gets_gemma3s(tmp_path):
     assert text == ("<bos><start_of_turn>user\nBe brief.\n\nhi<end_of_turn>\n<start_of_turn>model\nhello<end_of_turn>\n"
                     "<start_of_turn>user\nbye<end_of_turn>\n<start_of_turn>model\n")
     assert 6 in json.loads((out / "config.json").read_text())["eos_token_id"]  # <end_of_turn> ends a reply
+
+
+def test_info_reads_a_gguf_without_converting_it(tiny, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from gemma_mlx.cli import app
+
+    hf, path, _ = tiny
+    monkeypatch.setenv("GEMMA_MLX_HOME", str(tmp_path / "home"))
+    result = CliRunner().invoke(app, ["info", str(path)])
+    assert result.exit_code == 0, result.output
+    n = sum(p.numel() for p in hf.parameters())  # tied head: the embedding once
+    assert f"{n / 1e6:.1f} M" in result.output and "6 (5 sliding, 1 full)" in result.output
+    assert not (tmp_path / "home").exists()  # nothing converted into the cache

@@ -304,7 +304,7 @@ def test_mismatched_pair_is_refused_with_the_reason(pair):
     _, other = pair("e2blike", False)
     other.config.backbone_hidden_size = 999
     with pytest.raises(PairError, match="backbone_hidden_size 999"):
-        check_pair(target, other)
+        check_pair(target.config, other.config)
     other.config.backbone_hidden_size = target.config.hidden_size
 
 
