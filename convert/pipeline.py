@@ -27,7 +27,7 @@ class ConvertError(ValueError):
 
 def default_dtype() -> str:
     """The fast float type on the backend in use: fp32 on MLX's CPU backend (where bf16 and fp16 matmuls decode
-    about 3x slower), bf16 on Metal and CUDA."""
+    about 4x slower), bf16 on Metal and CUDA."""
     return "fp32" if mx.default_device() == mx.cpu else "bf16"
 
 

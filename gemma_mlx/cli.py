@@ -114,10 +114,9 @@ def slow_on_cpu(dtype: Optional[str], bits: Optional[int]) -> Optional[str]:
     if not _on_cpu():
         return None
     if bits:
-        return (f"{bits}-bit weights are dequantized in every matmul on MLX's CPU backend: several times slower "
-                "than fp32 there (quantize for Metal; fp32 is the fast choice on this machine)")
+        return f"{bits}-bit weights decode about 3x slower than fp32 on MLX's CPU backend (quantize for Metal)"
     if dtype in ("bf16", "fp16"):
-        return f"{dtype} weights decode about 3x slower than fp32 on MLX's CPU backend (fp32 is its default)"
+        return f"{dtype} weights decode about 4x slower than fp32 on MLX's CPU backend (fp32 is its default)"
     return None
 
 
