@@ -408,3 +408,25 @@ def test_a_missing_corpus_path_is_one_line(mlx_dir, tmp_path):
     result = CliRunner().invoke(app, ["distill", "--target", str(mlx_dir("plain-calm")), "--out", str(tmp_path / "d"),
                                       "--corpus", str(tmp_path / "nothing")])
     one_line_error(result, "no such file or directory")
+
+
+def test_generation_continues_corpus_openings_too(mlx_dir, text_dir, tmp_path, monkeypatch):
+    """With a corpus, the target also continues openings of its windows (the first PREFIX tokens): as many varied
+    prompts as sequences asked for, so greedy continuations do not repeat the few built-in prompts."""
+    from gemma_mlx import corpus
+
+    opts = D.Options(target=str(mlx_dir("plain-calm")), out=str(tmp_path / "d"), corpus=[str(text_dir)],
+                     **dict(TINY, samples=10))
+    prepared = D.prepare(opts)
+    openings = D.corpus_prompts(prepared)
+    text = "\n".join(corpus.documents([text_dir]))
+    bos = prepared.engine.tokenizer.bos_token_id
+    assert len(openings) == 10 and len({tuple(o) for o in openings}) == 10
+    assert all(len(o) == D.PREFIX and o[0] == bos and prepared.engine.tokenizer.decode(o[1:]) in text
+               for o in openings)
+    seen = []
+    monkeypatch.setattr(D, "generate_batch_sequences", lambda engine, ids, *a, **k: seen.append(ids) or [])
+    (tmp_path / "w").mkdir()
+    D.collect_generated(prepared, tmp_path / "w", dict(gen_batches=0, data_batches=0, data_positions=0), None,
+                        D.Reporter())
+    assert seen and all(o in seen[0] for o in openings)
