@@ -164,7 +164,8 @@ class DraftLength:
     BLAS multiplies a few rows in the time of one, then steps up, or flattens out), so a K not seen yet is put
     halfway between the time at the nearest K seen below it and the line through the K seen around it (beyond the
     deepest, along the last segment): optimism that gets it tried, and then measured, when the acceptance nearly
-    pays for it. K = 0 (plain decoding) whenever drafting does not pay; then one round in `probe_every` is a K = 1
+    pays for it. Measured times are made non-decreasing in K (noise can make a deeper round look cheaper; it never
+    is), and a K whose expected extra tokens per round are below MIN_GAIN is not tried on timings alone. K = 0 (plain decoding) whenever drafting does not pay; then one round in `probe_every` is a K = 1
     probe that re-measures a_1, one in twice as many after each probe whose draft is rejected (up to 8x).
 
     A batch shares one K (`choose(rows, room)`): it maximises the expected tokens per second summed over the rows,
@@ -177,6 +178,8 @@ class DraftLength:
     """
 
     PRIOR = 0.6  # acceptance at the first position before any round (with the weight of one round)
+    MIN_GAIN = 0.1  # expected extra tokens per round below which drafting is not tried, whatever the round times say:
+    # acceptance evidence first, timings second (noisy round times on a busy machine must not talk it into drafting)
     DEPTH_WEIGHT = 4.0  # weight, in rounds, of the previous position's estimate in a deeper position's (and, for a
     # batch row, of the pooled rate in its first position's): deep positions are reached in few rounds, and a rate
     # from a handful of them swings K on a CPU, where K = 4…7 cost about the same
@@ -239,7 +242,9 @@ class DraftLength:
                 cap = (room[i] if room is not None else len(ks)) - 1  # the row emits at most room tokens
                 expected += np.cumsum(np.where(ks <= cap, reach, 0.0))
         cost = self.round_time(ks, 1 if rows is None else len(rows))
-        return int(np.argmax(expected / cost))
+        worth = ks == 0
+        worth |= expected - expected[0] >= self.MIN_GAIN * (1 if rows is None else len(rows))
+        return int(np.argmax(np.where(worth, expected / cost, 0.0)))
 
     def round_time(self, k: np.ndarray, batch: int = 1) -> np.ndarray:
         """Round seconds for each K at this batch size, up to a factor that does not depend on K (all that the
@@ -251,6 +256,7 @@ class DraftLength:
         b = min(fitted, key=lambda b: (abs(b - batch), -b))
         seen = self.time_n[b] > 0
         ks, mean = np.nonzero(seen)[0], self.time_sum[b][seen] / self.time_n[b][seen]
+        mean = np.maximum.accumulate(mean)  # a round of K drafts does all a round of fewer does, and more
         slope = np.maximum(np.diff(mean) / np.diff(ks), 0.0)
         line = np.interp(k, ks, mean)  # through the K seen, beyond them along the first / last segment
         line = np.where(k < ks[0], mean[0] + slope[0] * (k - ks[0]), line)
