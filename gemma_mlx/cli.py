@@ -424,12 +424,12 @@ def run_demo(max_tokens: int, texts: Optional[list], chat_template: bool, repeat
 
 
 def demo_table(results) -> Table:
-    """One row per prompt, medians of its runs; fits 100 columns."""
+    """One row per prompt, medians of its runs; fits 80 columns (a pipe's width)."""
     import statistics
 
     table = Table(title="MTP vs plain decoding (same weights, CPU figures)" if _on_cpu() else
-                  "MTP vs plain decoding (same weights)")
-    for col in ("prompt", "kind", "plain tok/s", "MTP tok/s", "speed-up", "tokens/round", "identical"):
+                  "MTP vs plain decoding (same weights)", pad_edge=False)
+    for col in ("prompt", "kind", "plain tok/s", "MTP tok/s", "speed-up", "tok/round", "same"):
         table.add_column(col, justify="left" if col in ("prompt", "kind") else "right")
     for c in results:
         table.add_row(c.prompt.label[:16], c.prompt.group, f"{statistics.median(c.plain_tps):.1f}",
