@@ -10,7 +10,7 @@ batch cache) and leave when they finish (EOS, stop string, max_tokens), which is
     row = decoder.add(prompt_ids, max_tokens=64, stops=["###"])   # any time between rounds
     while decoder.rows:
         for done in decoder.step():                              # one round; the rows that finished
-            print(decoder.text(done), done.finish_reason)
+            print(done.stream.text, done.finish_reason)
 
 K is shared by the batch and chosen by `DraftLength` from the rows' own acceptance and the round times measured at
 this batch size (more rows make verification relatively dearer; with MoE targets the expert union grows slower
@@ -30,21 +30,29 @@ from .cache import TargetCache
 from .drafter import Drafter
 from .sampling import SamplingParams, verify_choices
 from .speculative import DraftLength, Round, Stats
+from .stops import TextStream
 from .target import Target
 
 
 @dataclass
 class Row:
-    """One sequence of the batch: its emitted tokens (EOS included), stats, and why it finished (None while it
-    runs; "stop", "length" or "cancelled")."""
+    """One sequence of the batch: its prompt, stats, and its emitted tokens and text (`stream`: EOS, max_tokens and
+    stop strings applied as for `generate`); `finish_reason` is None while it runs, then "stop", "length" or
+    "cancelled"."""
 
     id: int
     prompt: list
-    max_tokens: int
-    stops: tuple = ()
-    tokens: list = field(default_factory=list)
+    stream: TextStream
     stats: Stats = field(default_factory=Stats)
-    finish_reason: Optional[str] = None
+    cancelled: bool = False
+
+    @property
+    def tokens(self) -> list:
+        return self.stream.tokens
+
+    @property
+    def finish_reason(self) -> Optional[str]:
+        return "cancelled" if self.cancelled else self.stream.finish_reason
 
 
 class BatchDecoder:
@@ -75,7 +83,7 @@ class BatchDecoder:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         if not prompt:
             raise ValueError("empty prompt")
-        row = Row(next(self.ids), [int(t) for t in prompt], max_tokens, tuple(s for s in stops if s))
+        row = Row(next(self.ids), [int(t) for t in prompt], TextStream(self.tokenizer, self.eos_ids, stops, max_tokens))
         row.stats.prompt_tokens = row.stats.prefill_tokens = len(row.prompt)
         t0 = time.perf_counter()
         cache = TargetCache(self.target.config, batch=1, chunk=self.chunk)
@@ -100,7 +108,7 @@ class BatchDecoder:
         return done
 
     def _round(self):
-        room = [r.max_tokens - len(r.tokens) for r in self.rows]
+        room = [r.stream.max_tokens - len(r.tokens) for r in self.rows]
         k = 0 if self.drafter is None else min(self.draft.choose([r.stats for r in self.rows], room), max(room) - 1)
         result, self.x, self.g = Round(self.target, self.drafter, self.cache, self.x, self.g, k, self.params,
                                        self._next_key()).finish()
@@ -112,10 +120,9 @@ class BatchDecoder:
                 self.finished.append(row)
         self._keep([i for i, r in enumerate(self.rows) if r.finish_reason is None])
 
-    def remove(self, row: Row, reason: str = "cancelled"):
+    def remove(self, row: Row):
         """Take a row out of the batch between rounds (a cancelled request); the tokens it has stay in `row`."""
-        if row.finish_reason is None:
-            row.finish_reason = reason
+        row.cancelled = row.finish_reason is None
         self._keep([i for i, r in enumerate(self.rows) if r is not row])
 
     def _keep(self, keep: list[int]):
@@ -126,26 +133,10 @@ class BatchDecoder:
             self.rows = [self.rows[i] for i in keep]
 
     def _emit(self, row: Row, new: list[int]) -> bool:
-        """Append a row's new tokens up to EOS / max_tokens / a stop string; True when the row is finished."""
-        for t in new:
-            row.tokens.append(t)
-            if t in self.eos_ids:
-                row.finish_reason = "stop"
-                break
-            if len(row.tokens) >= row.max_tokens:
-                row.finish_reason = "length"
-                break
+        """Hand a row's new tokens to its stream (EOS / max_tokens / a stop string end it); True when finished."""
+        done = row.stream.add(new)
         row.stats.generated_tokens = len(row.tokens)
-        if row.stops and self.tokenizer is not None and row.finish_reason != "stop":
-            if any(s in self.tokenizer.decode(row.tokens) for s in row.stops):
-                row.finish_reason = "stop"
-        return row.finish_reason is not None
-
-    def text(self, row: Row) -> str:
-        """A row's text: EOS dropped, cut before the first stop string."""
-        text = self.tokenizer.decode([t for t in row.tokens if t not in self.eos_ids])
-        cut = min((i for i in (text.find(s) for s in row.stops) if i >= 0), default=-1)
-        return text if cut < 0 else text[:cut]
+        return done
 
 
 def generate_batch(engine, prompts, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
@@ -162,4 +153,4 @@ def generate_batch(engine, prompts, max_tokens: int = 256, temperature: float = 
     rows = [decoder.add(engine.encode(p), max_tokens, stops) for p in prompts]
     while decoder.rows:
         decoder.step()
-    return [Generation(decoder.text(r), r.tokens, r.stats, r.finish_reason) for r in rows]
+    return [Generation(r.stream.text, r.tokens, r.stats, r.finish_reason) for r in rows]

@@ -17,6 +17,7 @@ from .drafter import Drafter, PairError
 from .loader import LoadError, load_drafter, load_target
 from .sampling import SamplingParams
 from .speculative import DraftLength, Session, Stats, generate_tokens
+from .stops import TextStream
 from .target import Target
 
 
@@ -106,40 +107,15 @@ def stream_generate(engine: Engine, prompt, max_tokens: int = 256, temperature: 
     if not reuse_cache:
         engine.session.reset()
     draft = draft_length(engine, draft_tokens)
-    stops = [s for s in ([stop] if isinstance(stop, str) else stop) if s]
-    detok = engine.tokenizer.detokenizer
-    detok.reset()
-    text, sent, emitted = "", 0, []
+    text = TextStream(engine.tokenizer, engine.eos_ids, [stop] if isinstance(stop, str) else stop, max_tokens)
     stream = generate_tokens(engine.target, engine.drafter, engine.session, tokens, max_tokens=max_tokens,
                              params=params, draft=draft, eos_ids=engine.eos_ids, seed=seed)
     for new, stats in stream:
-        finish = None
-        for t in new:
-            emitted.append(t)
-            if t in engine.eos_ids:
-                finish = "stop"
-                break
-            detok.add_token(t)
-        if finish is None and stats.generated_tokens >= max_tokens:
-            finish = "length"
-        if finish:
-            detok.finalize()
-        text += detok.last_segment
-        hit = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-        if hit >= 0:
-            text, finish = text[:hit], "stop"
-        safe = len(text) if finish else len(text) - _partial_stop(text, stops)
-        yield Piece(text[sent:safe], new, stats, finish)
-        sent = max(sent, safe)
-        if finish:
+        done = text.add(new)
+        yield Piece(text.take(), new, stats, text.finish_reason)
+        if done:
             stream.close()
             return
-
-
-def _partial_stop(text: str, stops: list) -> int:
-    """Length of the longest end of `text` that could be the start of a stop string (held back while streaming)."""
-    return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])),
-               default=0)
 
 
 def generate(engine: Engine, prompt, **kwargs) -> Generation:

@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from .batch import BatchDecoder, Row
-from .generate import ChatTemplateError, Engine, _partial_stop, draft_length
+from .generate import ChatTemplateError, Engine, draft_length
 from .sampling import SamplingParams
 
 
@@ -124,16 +124,15 @@ class Job:
     loop: asyncio.AbstractEventLoop
     updates: asyncio.Queue = field(default_factory=asyncio.Queue)
     row: Optional[Row] = None
-    sent: int = 0
     cancelled: bool = False
 
     def publish(self, final_error: Optional[str] = None):
-        """From the worker thread: hand new tokens (and the end) to the request's event loop."""
-        new = self.row.tokens[self.sent:] if self.row else []
-        self.sent += len(new)
+        """From the worker thread: hand the row's new text (stops.TextStream's, as `generate` gives it) and its end
+        to the request's event loop."""
+        text = self.row.stream.take() if self.row else ""
         done = final_error or (self.row.finish_reason if self.row else None)
-        if new or done:
-            self.loop.call_soon_threadsafe(self.updates.put_nowait, (new, done))
+        if text or done:
+            self.loop.call_soon_threadsafe(self.updates.put_nowait, (text, done))
 
 
 class Scheduler:
@@ -172,7 +171,7 @@ class Scheduler:
                 for decoder, jobs in active:
                     for job in jobs:
                         if job.cancelled and job.row.finish_reason is None:
-                            job.row.finish_reason = "cancelled"  # the decoder drops it after this round
+                            job.row.cancelled = True  # the decoder drops it after this round
                     decoder.step()
                     for job in list(jobs):
                         job.publish()
@@ -258,17 +257,6 @@ def build_app(engine: Engine, model_id: str, max_batch: int = 8, draft_tokens="a
             raise BadRequest("stream must be true or false", param="stream")
         return Job(prompt, max_tokens, params, stop_strings(body.get("stop")), seed, asyncio.get_running_loop()), body
 
-    def text_of(tokens, stops, final: bool) -> str:
-        """Decoded text so far: cut at a stop string, holding back what could still become one (or half a char)."""
-        text = engine.tokenizer.decode([t for t in tokens if t not in engine.eos_ids])
-        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-        if cut >= 0:
-            return text[:cut]
-        if final:
-            return text
-        text = text[: len(text) - _partial_stop(text, list(stops))]
-        return text.rstrip("\ufffd")
-
     def usage(job: Job) -> dict:
         return {"prompt_tokens": len(job.prompt), "completion_tokens": len(job.row.tokens),
                 "total_tokens": len(job.prompt) + len(job.row.tokens)}
@@ -287,13 +275,12 @@ def build_app(engine: Engine, model_id: str, max_batch: int = 8, draft_tokens="a
         scheduler.submit(job)
         obj = "chat.completion" if chat else "text_completion"
         if not body.get("stream"):
-            tokens, finish = [], None
+            text, finish = "", None
             while finish is None:
-                new, finish = await job.updates.get()
-                tokens += new
+                piece, finish = await job.updates.get()
+                text += piece
             if finish not in ("stop", "length"):
                 return error(finish, 500, kind="server_error")
-            text = text_of(tokens, job.stops, True)
             choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
                       if chat else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
             return JSONResponse({"id": rid, "object": obj, "created": int(time.time()), "model": model_id,
@@ -313,17 +300,14 @@ def build_app(engine: Engine, model_id: str, max_batch: int = 8, draft_tokens="a
             payload.update(extra or {})
             return f"data: {json.dumps(payload)}\n\n"
 
-        tokens, sent, finish = [], "", None
+        finish = None
         try:
             if chat:
                 yield chunk(None, role=True)
             while finish is None:
-                new, finish = await job.updates.get()
-                tokens += new
-                text = text_of(tokens, job.stops, finish is not None)
-                if len(text) > len(sent):
-                    yield chunk(text[len(sent):])
-                    sent = text
+                piece, finish = await job.updates.get()
+                if piece:
+                    yield chunk(piece)
             if finish not in ("stop", "length"):
                 yield f"data: {json.dumps({'error': {'message': finish, 'type': 'server_error'}})}\n\n"
             else:
