@@ -641,21 +641,6 @@ def distill(
               "OUT`)")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def bench(ctx: typer.Context, batch: bool = typer.Option(False, "--batch", help="The batch-mode bench instead."),
-          peers: bool = typer.Option(False, "--peers", help="The peers bench instead: mlx-lm and mlx-vlm on the same "
-                                     "converted pair.")):
-    """Measure MTP vs plain decoding on scaled-down random-weight Gemma 4 shapes (README, "Performance").
-    Extra arguments go to the bench script (--quick, --tokens N, --repeats N, --out DIR)."""
-    if batch and peers:
-        fail("give at most one of --batch and --peers")
-    from .bench import batch as batch_bench
-    from .bench import peers as peers_bench
-    from .bench import run as speed_bench
-
-    raise typer.Exit((batch_bench if batch else peers_bench if peers else speed_bench).main(ctx.args))
-
-
 def kv_bytes_per_token(cfg, itemsize: int) -> int:
     """Full layers grow per token; sliding rings are bounded (counted at their window)."""
     per_layer = [2 * cfg.layer_kv_heads(i) * cfg.layer_head_dim(i) * itemsize for i in range(cfg.first_shared_layer)]
