@@ -1,6 +1,6 @@
 """Batch-mode bench: aggregate tokens/s of speculative vs plain batched decoding at B = 1, 2, 4, 8 for a dense and an
 MoE target, with a drafter of controlled acceptance α = 0.7 (bench/controlled.py), and the MoE verify-cost ratio
-t(B×(K+1) tokens) / t(B tokens) with and without the expert-union path (gemma_mlx/moe.py).
+t(B×(K+1) tokens) / t(B tokens) with and without the expert-union path (gemma_mlx/models/moe.py).
 
 Random-weight targets at scaled-down shapes (hidden 1024, 8 layers; the MoE one 32 experts, top 4), fp32. Absolute
 numbers are CPU figures; ratios come from one run (plain and speculative alternate, medians of the repeats), and

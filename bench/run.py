@@ -22,16 +22,15 @@ import sys
 import time
 from pathlib import Path
 
-import gemma_mlx  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+import gemma_mlx  # noqa: F401  (OpenBLAS before mlx)
 from gemma_mlx import _blas
-from gemma_mlx.config import DrafterConfig, TextConfig
-from gemma_mlx.drafter import Drafter
+from gemma_mlx.models.gemma4_assistant import Drafter, DrafterConfig
+from gemma_mlx.models.gemma4_text import Target, TextConfig
 from gemma_mlx.speculative import K_MAX, DraftLength, Session, Stats, generate_tokens
-from gemma_mlx.target import Target
 
 from .controlled import ControlledDrafter
 from .quiet import mark, others_since, wait_quiet

@@ -24,8 +24,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from gemma_mlx.config import FULL, SLIDING
-from gemma_mlx.gemma3 import Gemma3Config, Gemma3Target
+from gemma_mlx.models.base import FULL, SLIDING
+from gemma_mlx.models.gemma3_text import Gemma3Config, Gemma3Target
 
 from . import quantize as q
 from .weights import expected_params

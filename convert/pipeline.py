@@ -10,7 +10,9 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from ..config import ConfigError, DrafterConfig, TextConfig, model_kind, text_config_of
+from ..models import ConfigError, family_name, model_kind
+from ..models.gemma4_assistant import DrafterConfig
+from ..models.gemma4_text import WRAPPERS, TextConfig, text_config_of
 from . import quantize as q
 from . import weights as w
 from .safetensors_io import SafetensorsError, open_checkpoint, tensors
@@ -18,7 +20,6 @@ from .source import SIDE_FILES, SourceError, is_mlx_checkpoint, read_config, res
 from .writer import ShardWriter, atomic_dir
 
 DTYPES = {"bf16": mx.bfloat16, "fp16": mx.float16, "fp32": mx.float32}
-GEMMA3_TYPES = ("gemma3", "gemma3_text")
 
 
 class ConvertError(ValueError):
@@ -71,12 +72,12 @@ def _convert(src: str, out: Path, dtype: str, bits: int | None, group_size: int,
         method = hf_quant.get("quant_method", "unknown method") if isinstance(hf_quant, dict) else hf_quant
         raise ConvertError(f"{src} is a pre-quantized Hugging Face checkpoint ({method}): convert the unquantized "
                            "release (and pass --quantize to quantize it here)")
-    if model_type in GEMMA3_TYPES:
+    if family_name(raw) == "gemma3_text":
         raise ConvertError(f"model_type {model_type}: Gemma 3 converts from a GGUF file only (pass the .gguf path)")
     if kind == "target":
         cfg = TextConfig.from_dict(text_config_of(raw))
         layout, what = w.target_layout(cfg), "target config"
-        wrapper = model_type in ("gemma4", "gemma4_unified")  # multimodal wrappers: text under model.language_model.
+        wrapper = model_type in WRAPPERS  # multimodal wrappers: text under model.language_model.
         names_of = lambda k: w.target_names(k, cfg, wrapper=wrapper, mlx=mlx)  # noqa: E731
         cfg_out = cfg.to_dict()
         cfg_out["eos_token_id"] = _eos_ids(path, raw, cfg)

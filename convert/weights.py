@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from ..config import FULL, DrafterConfig, TextConfig
+from ..models.base import FULL
+from ..models.gemma4_assistant import DrafterConfig
+from ..models.gemma4_text import TextConfig
 
 # Multimodal parts that a text runtime drops, as HF (`model.` prefix) and as MLX wrappers (no prefix) name them.
 TOWERS = ("vision_tower.", "audio_tower.", "embed_vision.", "embed_audio.", "multi_modal_projector.",

@@ -14,7 +14,7 @@ batch cache) and leave when they finish (EOS, stop string, max_tokens), which is
 
 K is shared by the batch and chosen by `DraftLength` from the rows' own acceptance and the round times measured at
 this batch size (more rows make verification relatively dearer; with MoE targets the expert union grows slower
-than the tokens, moe.py).
+than the tokens, models/moe.py).
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from typing import Optional
 import mlx.core as mx
 
 from .cache import TargetCache
-from .drafter import Drafter
+from .models.gemma4_assistant import Drafter
+from .models.gemma4_text import Target
 from .sampling import SamplingParams, verify_choices
 from .speculative import DraftLength, Round, Stats
 from .stops import TextStream
-from .target import Target
 
 
 @dataclass

@@ -17,12 +17,15 @@ that slice would wrap around the ring's end.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import mlx.core as mx
 import numpy as np
 
-from .config import FULL, TextConfig
+from .models.base import FULL
+
+if TYPE_CHECKING:
+    from .models.gemma4_text import TextConfig
 
 GROW_STEP = 256
 

@@ -54,10 +54,10 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .config import ConfigError
         from .convert import ConvertError
-        from .drafter import PairError
         from .loader import LoadError
+        from .models.base import ConfigError
+        from .models.gemma4_assistant import PairError
 
         try:
             return fn(*args, **kwargs)
@@ -463,7 +463,8 @@ def convert(
     dir renamed when complete.
 
     Example: gemma-mlx convert google/gemma-4-e2b-it models/e2b"""
-    from .convert import convert as run, default_dtype
+    from .convert import convert as run
+    from .convert import default_dtype
 
     path = run(src, out_dir, dtype=dtype, quantize=quantize, group_size=group_size, force=force)
     err.print(f"[green]wrote[/green] {path}")
@@ -484,8 +485,8 @@ def info(
     """Architecture, size, dtype/quantization, memory estimate; with --drafter, whether the pair matches.
 
     Example: gemma-mlx info models/e2b --drafter models/e2b-assistant"""
-    from .drafter import PairError, check_pair
     from .loader import describe
+    from .models.gemma4_assistant import PairError, check_pair
 
     m = describe(model)  # config and weight headers (a GGUF's metadata): nothing converted or loaded
     cfg = m.config.text if m.is_drafter else m.config
@@ -558,8 +559,14 @@ class DistillProgress:
     """distill.Reporter drawn with rich: one bar per phase, notes as log lines (kept in a non-terminal log)."""
 
     def __init__(self):
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                             TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=err,

@@ -45,7 +45,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -57,8 +57,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from . import corpus as corpus_text
 from .cache import KV, attention_mask
-from .config import FULL, SLIDING, DrafterConfig
-from .drafter import Drafter, PairError
+from .models.base import FULL, SLIDING
+from .models.gemma4_assistant import Drafter, DrafterConfig, PairError
 
 # Prompts the target continues to make training data (varied registers; none on the demo's or the held-out prompts'
 # topics), and held-out ones for acceptance.

@@ -13,12 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
-from .drafter import Drafter, PairError
 from .loader import LoadError, load_drafter, load_target
+from .models.gemma4_assistant import Drafter, PairError
+from .models.gemma4_text import Target
 from .sampling import SamplingParams
 from .speculative import DraftLength, Session, Stats, generate_tokens
 from .stops import TextStream
-from .target import Target
 
 
 class ChatTemplateError(ValueError):

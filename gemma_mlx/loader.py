@@ -17,12 +17,10 @@ from pathlib import Path
 import mlx.nn as nn
 from mlx_lm.utils import load_model, load_tokenizer
 
-from .config import ConfigError, DrafterConfig, TextConfig, model_kind, text_config_of
 from .convert.safetensors_io import SafetensorsError, open_checkpoint
-from .drafter import Drafter
-from .gemma3 import TARGET_TYPES as GEMMA3_TYPES, Gemma3Config, Gemma3Target, gemma3_text_config_of
-from .target import Target
-
+from .models import ConfigError, family, model_kind
+from .models.gemma4_assistant import Drafter, DrafterConfig
+from .models.gemma4_text import Target, text_config_of
 
 CONVERSION = 2
 
@@ -135,26 +133,10 @@ def _elements(name: str, shape, dtype: str, bits) -> int:
     return n * 32 // bits if dtype == "U32" and bits else n
 
 
-class _TargetArgs:
-    @staticmethod
-    def from_dict(raw: dict) -> TextConfig:
-        return TextConfig.from_dict(text_config_of(raw))
-
-
-class _DrafterArgs:
-    from_dict = staticmethod(DrafterConfig.from_dict)
-
-
-class _Gemma3Args:
-    @staticmethod
-    def from_dict(raw: dict) -> Gemma3Config:
-        return Gemma3Config.from_dict(gemma3_text_config_of(raw))
-
-
 def _classes(config: dict):
-    if config.get("model_type") in GEMMA3_TYPES:
-        return Gemma3Target, _Gemma3Args
-    return (Target, _TargetArgs) if model_kind(config) == "target" else (Drafter, _DrafterArgs)
+    """mlx-lm's get_model_classes: the family's Model and its config (mlx-lm calls `from_dict` on the raw dict)."""
+    fam = family(config)
+    return fam.Model, type("Args", (), {"from_dict": staticmethod(fam.config_of)})
 
 
 def load_checkpoint(path: Path) -> nn.Module:

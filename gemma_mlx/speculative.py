@@ -18,9 +18,9 @@ import mlx.core as mx
 import numpy as np
 
 from .cache import TargetCache
-from .drafter import Drafter
+from .models.gemma4_assistant import Drafter
+from .models.gemma4_text import Target
 from .sampling import SamplingParams, verify_choices
-from .target import Target
 
 K_MAX = 8
 

@@ -4,18 +4,18 @@ mid-run; padded and rejected cache slots are never attended; the MoE expert-unio
 per-pair path does; the batch draft length maximises the rows' summed tokens per second; sampling in batch is
 distributed like plain sampling (spec §2.6, §2.7, §4)."""
 
-import gemma_mlx
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 from oracle import hf_greedy
 
+import gemma_mlx
 from bench.controlled import ControlledDrafter
 from gemma_mlx.batch import BatchDecoder
 from gemma_mlx.cache import TargetCache
-from gemma_mlx.config import TextConfig
-from gemma_mlx.moe import Experts
+from gemma_mlx.models.gemma4_text import TextConfig
+from gemma_mlx.models.moe import Experts
 from gemma_mlx.sampling import SamplingParams
 from gemma_mlx.speculative import DraftLength, Stats
 
@@ -175,7 +175,7 @@ def test_cache_row_operations():
 
 @pytest.mark.parametrize("bits", [None, 4, 8])
 def test_expert_union_computes_what_the_per_pair_path_does(bits):
-    """moe.py: grouping tokens by expert (buckets of power-of-two sizes) is only a different schedule: the grouped
+    """models/moe.py: grouping tokens by expert (buckets of power-of-two sizes) is only a different schedule: the grouped
     path (`_grouped`; what a multi-token step runs, except for quantized experts on the CPU) equals mlx-lm's
     per-pair SwitchGLU, fp32 and quantized."""
     from types import SimpleNamespace

@@ -11,16 +11,27 @@ import sys
 import time
 from pathlib import Path
 
-import gemma_mlx  # (first: OpenBLAS set-up before mlx.core)
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from convert_fixtures import (EOS_IDS, LAYOUT_ONLY, TARGETS, assistant_config, build_assistant, build_target,
-                              build_unified_assistant, hf_logits, text_config, to_bf16)
-
-from gemma_mlx.config import DrafterConfig, TextConfig
+from convert_fixtures import (
+    EOS_IDS,
+    LAYOUT_ONLY,
+    TARGETS,
+    assistant_config,
+    build_assistant,
+    build_target,
+    build_unified_assistant,
+    hf_logits,
+    text_config,
+    to_bf16,
+)
 from gemma_mlx.convert import ConvertError, convert, is_mlx_checkpoint
+
+import gemma_mlx  # (first: OpenBLAS set-up before mlx.core)
+from gemma_mlx.models.gemma4_assistant import DrafterConfig
+from gemma_mlx.models.gemma4_text import TextConfig
 
 IDS = [2] + np.random.default_rng(5).integers(3, 500, 20).tolist()
 
@@ -85,11 +96,11 @@ def hf_text_config(name: str) -> dict:
 
 @pytest.mark.parametrize("name", [*TARGETS, *LAYOUT_ONLY])
 def test_target_layout_is_mlx_lm_and_our_module_tree(name):
+    from gemma_mlx.convert.weights import target_layout
     from mlx.utils import tree_flatten
     from mlx_lm.models import gemma4_text
 
-    from gemma_mlx.convert.weights import target_layout
-    from gemma_mlx.target import Target
+    from gemma_mlx.models.gemma4_text import Target
 
     cfg = TextConfig.from_dict(hf_text_config(name))
     layout = target_layout(cfg)
@@ -100,10 +111,10 @@ def test_target_layout_is_mlx_lm_and_our_module_tree(name):
 
 @pytest.mark.parametrize("ordered", [False, True])
 def test_drafter_layout_is_our_module_tree(ordered):
+    from gemma_mlx.convert.weights import drafter_layout
     from mlx.utils import tree_flatten
 
-    from gemma_mlx.convert.weights import drafter_layout
-    from gemma_mlx.drafter import Drafter
+    from gemma_mlx.models.gemma4_assistant import Drafter
 
     cfg = DrafterConfig.from_dict(assistant_config(ordered).to_dict())
     layout, model = drafter_layout(cfg), Drafter(cfg)
@@ -239,7 +250,7 @@ def test_quantize_fp32_with_group_size_32(hf, converted):
 def test_assistant_keeps_token_ordering_int32_and_unquantized(hf, converted):
     from safetensors.numpy import load_file
 
-    from gemma_mlx.drafter import Drafter
+    from gemma_mlx.models.gemma4_assistant import Drafter
 
     out = converted("assistant", dtype="bf16", quantize=4, group_size=32)
     w, cfg = weights_of(out), config_of(out)
@@ -271,7 +282,7 @@ def test_assistant_fp32_is_the_hf_weights(hf, converted):
 def test_unified_assistant_converts_like_the_assistant(hf, converted):
     from safetensors.numpy import load_file
 
-    from gemma_mlx.drafter import Drafter
+    from gemma_mlx.models.gemma4_assistant import Drafter
 
     out = converted("unified-assistant")
     cfg, w = config_of(out), weights_of(out)
@@ -308,7 +319,7 @@ def test_mlx_checkpoints_are_recognized(hf, converted, tmp_path):
 
 
 def test_mlx_checkpoint_is_refused_unless_requantized(converted, tmp_path):
-    from gemma_mlx.drafter import Drafter
+    from gemma_mlx.models.gemma4_assistant import Drafter
 
     for src in (converted("plain"), converted("assistant", dtype="bf16", quantize=4, group_size=32)):
         with pytest.raises(ConvertError, match="already an MLX checkpoint") as e:

@@ -7,14 +7,14 @@ resumes from its checkpoint; bad input is one line and exit code 1."""
 
 import json
 
-import gemma_mlx  # noqa: F401  (OpenBLAS before mlx.core)
 import mlx.core as mx
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+import gemma_mlx  # noqa: F401  (OpenBLAS before mlx.core)
 from gemma_mlx import distill as D
-from gemma_mlx.config import DrafterConfig
+from gemma_mlx.models.gemma4_assistant import DrafterConfig
 
 S, F = "sliding_attention", "full_attention"
 K = 3
@@ -43,7 +43,7 @@ def tiny_gemma3(out):
     from test_gemma3 import BASE, perturb
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    from gemma_mlx.gemma3 import Gemma3Target
+    from gemma_mlx.models.gemma3_text import Gemma3Target
 
     torch.manual_seed(0)
     hf = Gemma3ForCausalLM(Gemma3TextConfig(**BASE, layer_types=[S, S, F, S, S, F])).eval()
@@ -203,7 +203,7 @@ def test_training_forward_is_the_runtime_drafters_computation(mlx_target):
 
 def test_training_masks_are_the_runtime_masks():
     """Query p sees keys p−1−W … p−1 on sliding layers and 0 … p−1 on full ones (§2.4, clean view)."""
-    from gemma_mlx.drafter import Drafter
+    from gemma_mlx.models.gemma4_assistant import Drafter
 
     raw = D.drafter_config(_FakeTarget(), D.Options(target="", out="", layers=2, hidden_size=16), 4)
     masks = D.training_masks(Drafter(DrafterConfig.from_dict(raw)), 20)
@@ -217,7 +217,7 @@ class _FakeTarget:
     """Just the geometry drafter_config reads (a Gemma 4 text config with W = 8)."""
 
     def __new__(cls):
-        from gemma_mlx.config import TextConfig
+        from gemma_mlx.models.gemma4_text import TextConfig
 
         return TextConfig.from_dict(dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, layer_types=[S, F],
                                          head_dim=8, global_head_dim=16, sliding_window=8))

@@ -1,4 +1,4 @@
-"""The Gemma 3 target (gemma_mlx/gemma3.py) against transformers 5.23.0's Gemma3ForCausalLM: config resolution
+"""The Gemma 3 target (gemma_mlx/models/gemma3_text.py) against transformers 5.23.0's Gemma3ForCausalLM: config resolution
 against Gemma3TextConfig's defaults, logits within 1e-4 in fp32 with identical argmax, final-norm hiddens, one-shot
 and chunked prefill across the sliding window, decode with rollbacks of the ring caches, the engine's greedy loop,
 and loading in mlx-lm's gemma3_text."""
@@ -8,7 +8,6 @@ import math
 from functools import lru_cache
 from pathlib import Path
 
-import gemma_mlx  # noqa: F401  (OpenBLAS before mlx.core)
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -16,8 +15,9 @@ import torch
 from mlx.utils import tree_flatten
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-from gemma_mlx.config import ConfigError
-from gemma_mlx.gemma3 import Gemma3Config, Gemma3Target
+import gemma_mlx  # noqa: F401  (OpenBLAS before mlx.core)
+from gemma_mlx.models.base import ConfigError
+from gemma_mlx.models.gemma3_text import Gemma3Config, Gemma3Target
 
 S, F = "sliding_attention", "full_attention"
 W = 8

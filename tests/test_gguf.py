@@ -11,19 +11,20 @@ import json
 import math
 import time
 
-import gemma_mlx  # noqa: F401  (OpenBLAS before mlx.core)
 import mlx.core as mx
 import numpy as np
 import pytest
 import torch
 
+import gemma_mlx  # noqa: F401  (OpenBLAS before mlx.core)
+
 gguf = pytest.importorskip("gguf", reason="GGUF input needs the `gguf` package (pip install gguf)")
 
+from gemma_mlx.convert.gguf import NAMES, GGUFError, convert_gguf, map_name  # noqa: E402
 from mlx_lm.utils import load_model, load_tokenizer  # noqa: E402
 from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig  # noqa: E402
 
-from gemma_mlx.convert.gguf import NAMES, GGUFError, convert_gguf, map_name  # noqa: E402
-from gemma_mlx.gemma3 import Gemma3Config, Gemma3Target  # noqa: E402
+from gemma_mlx.models.gemma3_text import Gemma3Config, Gemma3Target
 
 S, F = "sliding_attention", "full_attention"
 HF_TO_GGUF_NORMS = ("norm.weight",)

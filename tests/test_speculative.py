@@ -3,16 +3,16 @@ exact sampling (§2.7), no drafter KV memory (§4), stops, prompt-cache reuse, a
 
 import time
 
-import gemma_mlx  # noqa: F401
 import mlx.core as mx
 import numpy as np
 import pytest
 from oracle import hf_drafter_call, hf_embed_scaled, hf_forward, hf_greedy, hf_shared_kv
 
+import gemma_mlx  # noqa: F401
 from bench.controlled import ControlledDrafter
 from gemma_mlx.cache import LayerCache
-from gemma_mlx.config import FULL, SLIDING
-from gemma_mlx.drafter import PairError, check_pair
+from gemma_mlx.models.base import FULL, SLIDING
+from gemma_mlx.models.gemma4_assistant import PairError, check_pair
 from gemma_mlx.sampling import SamplingParams, processed_logits
 from gemma_mlx.speculative import DraftLength, Session, generate_tokens
 
@@ -103,7 +103,7 @@ def _replay_cache(kv):
 
 
 def test_compiled_draft_follows_cache_growth_and_weight_updates(pair):
-    """The K steps of a round are compiled (drafter.py): they must stay equal to the same steps run eagerly when the
+    """The K steps of a round are compiled (models/gemma4_assistant.py): they must stay equal to the same steps run eagerly when the
     full layers' linear buffer grows (a new shape: a new trace) and when the weights change after the first call."""
     target, drafter = pair("plain", False)
     session = Session(target, chunk=64)

@@ -4,11 +4,12 @@ final-norm hiddens, one-shot and chunked prefill across the sliding window, deco
 import io
 import re
 
-import gemma_mlx  # noqa: F401
 import mlx.core as mx
 import numpy as np
 import pytest
 from oracle import hf_forward
+
+import gemma_mlx  # noqa: F401
 
 # "mm" (the multimodal wrapper reduced to text) is conditioned ("-calm", oracle.calm): at its seed the random net is
 # chaotic enough that fp32 rounding alone exceeds 1e-4 (transformers fp32 itself is 1.3e-4 from its fp64 result at
@@ -134,7 +135,7 @@ def test_a_verify_of_a_few_tokens_streams_each_weight_once(variant, mlx_target):
     """BLAS sgemm of a few rows against a large weight repacks the weight each call (on the CPU backend a 4-token
     verify through a 262144-row head cost 4x one token): up to SKINNY_ROWS rows every projection and the tied head
     are computed as W @ x.T, a prefill chunk as x @ W.T."""
-    from gemma_mlx.target import SKINNY_ROWS, Linear
+    from gemma_mlx.models.base import SKINNY_ROWS, Linear
 
     target = mlx_target(variant)
     projections = sum(isinstance(m, Linear) for _, m in target.named_modules()) + 1  # + the tied head
@@ -148,7 +149,7 @@ def test_a_verify_of_a_few_tokens_streams_each_weight_once(variant, mlx_target):
 
 
 def test_rational_tanh_is_tanh_to_float32_rounding():
-    from gemma_mlx.target import tanh
+    from gemma_mlx.models.base import tanh
 
     x = np.concatenate([np.linspace(-12, 12, 200_001), [0.0, 1e-30, -1e-8, 3e-4, 7.9, 8.0, 40.0, -1e4]]).astype(np.float32)
     ours = np.array(tanh(mx.array(x)))

@@ -22,11 +22,9 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import Span, TargetCache
-from .config import FULL, SLIDING, ConfigError
-from .target import MLP, CausalLM, Embedding, Linear, rope
+from ..cache import Span, TargetCache
+from .base import FULL, MLP, SLIDING, CausalLM, ConfigError, Embedding, Linear, rope
 
-TARGET_TYPES = ("gemma3_text", "gemma3")
 DROPPED_PREFIXES = ("vision_tower.", "multi_modal_projector.")
 
 
@@ -35,7 +33,7 @@ class Gemma3Config:
     """A Gemma 3 text stack; defaults are transformers 5.23.0's `Gemma3TextConfig` defaults.
 
     Provides the geometry TextConfig provides (layer_types, sliding_window, first_shared_layer, producer_for,
-    kv_source, layer_head_dim, layer_kv_heads), so cache.py, drafter.py and the CLI need no change; the Gemma 4
+    kv_source, layer_head_dim, layer_kv_heads), so cache.py, gemma4_assistant.py and the CLI need no change; the Gemma 4
     features Gemma 3 lacks read as constants (properties, not written to config.json).
     """
 
@@ -295,3 +293,10 @@ class Gemma3Target(CausalLM):
     @classmethod
     def from_config_dict(cls, raw: dict) -> "Gemma3Target":
         return cls(Gemma3Config.from_dict(gemma3_text_config_of(raw)))
+
+
+Model = Gemma3Target
+
+
+def config_of(raw: dict) -> Gemma3Config:
+    return Gemma3Config.from_dict(gemma3_text_config_of(raw))

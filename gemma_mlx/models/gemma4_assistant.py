@@ -12,14 +12,57 @@ GROW_STEP positions; the masks hide the slots not yet written.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import KV, TargetCache, attention_mask
-from .config import FULL, SLIDING, DrafterConfig
-from .target import DecoderLayer, Embedding, Linear, RMSNorm, Target
+from ..cache import KV, TargetCache, attention_mask
+from .base import FULL, SLIDING, ConfigError, Embedding, Linear, RMSNorm
+from .gemma4_text import DecoderLayer, Target, TextConfig, text_config_of
+
+
+@dataclass
+class DrafterConfig:
+    """A Gemma 4 MTP assistant (`gemma4_assistant`, spec §2.1). `text` describes the drafter's layers, whose KV
+    geometry must be the target's (it attends to the target's cache)."""
+
+    text: TextConfig
+    backbone_hidden_size: int
+    use_ordered_embeddings: bool = False
+    num_centroids: int = 2048
+    centroid_intermediate_top_k: int = 32
+    model_type: str = "gemma4_assistant"
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "DrafterConfig":
+        tc = text_config_of(dict(raw.get("text_config") or {}))  # a unified assistant gets the unified defaults
+        n = tc.get("num_hidden_layers", TextConfig.num_hidden_layers)
+        if not tc.get("num_kv_shared_layers"):
+            tc["num_kv_shared_layers"] = n  # HF: every assistant layer is a consumer
+        if tc["num_kv_shared_layers"] != n:
+            raise ConfigError("assistant text_config must share KV in every layer (num_kv_shared_layers == layers)")
+        tc.setdefault("hidden_size_per_layer_input", 0)
+        tc.setdefault("vocab_size_per_layer_input", 0)
+        text = TextConfig.from_dict(tc)
+        if text.hidden_size_per_layer_input or text.enable_moe_block or text.use_double_wide_mlp:
+            raise ConfigError("assistant text_config may not use PLE, MoE or double-wide MLPs")
+        if "backbone_hidden_size" not in raw:
+            raise ConfigError("assistant config has no backbone_hidden_size")
+        return cls(
+            text=text,
+            backbone_hidden_size=raw["backbone_hidden_size"],
+            use_ordered_embeddings=bool(raw.get("use_ordered_embeddings", False)),
+            num_centroids=raw.get("num_centroids", 2048),
+            centroid_intermediate_top_k=raw.get("centroid_intermediate_top_k", 32),
+            model_type=raw.get("model_type", "gemma4_assistant"),
+        )
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["text_config"] = d.pop("text")
+        return d
 
 
 class AssistantModel(nn.Module):
@@ -170,3 +213,6 @@ def check_pair(t, a: DrafterConfig):
     if a.text.sliding_window != t.sliding_window:
         raise PairError(f"drafter sliding_window {a.text.sliding_window} != target's {t.sliding_window}")
 
+
+Model = Drafter
+config_of = DrafterConfig.from_dict

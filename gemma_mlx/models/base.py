@@ -1,0 +1,164 @@
+"""What the model families share: the fused ops the CPU backend needs (RMSNorm, RoPE, GELU, the logit softcap, a
+skinny-matmul linear), the layers built on them, `CausalLM` (the interface the engine runs), the layer-type names
+and ConfigError."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import TYPE_CHECKING
+
+import mlx.core as mx
+import mlx.nn as nn
+
+if TYPE_CHECKING:
+    from ..cache import TargetCache
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+class ConfigError(ValueError):
+    """A config that gemma-mlx cannot run; the message is one line meant for the user."""
+
+
+# On the CPU backend MLX runs mx.fast.rms_norm and mx.fast.rope as their reference graphs of small ops (they are fused
+# kernels only on Metal). A decode step runs ~7 norms and 2 RoPEs a layer on a few thousand numbers each, where per-op
+# dispatch costs more than the math: compiled, each becomes one or two fused kernels (on Metal, the same kernel).
+
+
+@partial(mx.compile, shapeless=True)
+def rms_norm(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
+    """x / rms(x) · weight (Gemma 4 multiplies by w, spec §1.3.1); weight None: no scale."""
+    return mx.fast.rms_norm(x, weight, eps)
+
+
+@mx.compile  # not shapeless: RoPE's graph slices by shape (one trace per shape: decode and verify use a handful)
+def rope(x: mx.array, offset: mx.array, freqs: mx.array) -> mx.array:
+    """Non-interleaved RoPE over the whole head with the given periods, positions offset + 0..T-1 per row."""
+    return mx.fast.rope(x, x.shape[-1], traditional=False, base=None, scale=1.0, offset=offset, freqs=freqs)
+
+
+# Eigen's rational approximation of tanh in float32 (|error| < 4e-7 against tanh in float64; mx.tanh: 1e-7): odd
+# numerator and even denominator polynomials in x², on x clamped to ±7.905 (where tanh rounds to ±1).
+_TANH_P = (4.89352455891786e-03, 6.37261928875436e-04, 1.48572235717979e-05, 5.12229709037114e-08,
+           -8.60467152213735e-11, 2.00018790482477e-13, -2.76076847742355e-16)
+_TANH_Q = (4.89352518554385e-03, 2.26843463243900e-03, 1.18534705686654e-04, 1.19825839466702e-06)
+_TANH_CLAMP = 7.90531110763549805
+
+
+@partial(mx.compile, shapeless=True)
+def tanh(x: mx.array) -> mx.array:
+    """tanh by multiplies, adds and one divide, which fuse into the kernel around it. On the CPU backend mx.tanh is a
+    libm call per element (14 ns; this: 3 ns), and GELU and the logit softcap run it over every MLP activation and
+    logit: about a million of them in an 8-token verify of the e2b-like bench target."""
+    y = mx.clip(x.astype(mx.float32), -_TANH_CLAMP, _TANH_CLAMP)
+    y2 = y * y
+    p, q = _TANH_P[-1], _TANH_Q[-1]
+    for a in _TANH_P[-2::-1]:
+        p = p * y2 + a
+    for b in _TANH_Q[-2::-1]:
+        q = q * y2 + b
+    return (y * p / q).astype(x.dtype)
+
+
+@partial(mx.compile, shapeless=True)
+def geglu(gate: mx.array, x: mx.array) -> mx.array:
+    """gelu_tanh(gate) · x (gelu_pytorch_tanh, as nn.gelu_approx), fused."""
+    return 0.5 * gate * (1 + tanh(math.sqrt(2 / math.pi) * (gate + 0.044715 * gate * gate * gate))) * x  # no pow()
+
+
+@partial(mx.compile, shapeless=True)
+def softcap(x: mx.array, cap: float) -> mx.array:
+    return tanh(x / cap) * cap
+
+
+# BLAS sgemm of a few rows against a large weight (x @ W.T) repacks the weight on every call, so on the CPU backend a
+# verify of K+1 tokens cost nearly K+1 decode steps. As W @ x.T the weight is streamed once (bench/README.md).
+SKINNY_ROWS = 32
+
+
+def linear(x: mx.array, weight: mx.array) -> mx.array:
+    """x @ weight.T; for at most SKINNY_ROWS rows on the CPU backend, computed as (weight @ x.T).T."""
+    rows = x.size // x.shape[-1]
+    if rows > SKINNY_ROWS or mx.default_device() != mx.cpu:
+        return x @ weight.T
+    return (weight @ x.reshape(rows, -1).T).T.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    def __call__(self, x: mx.array) -> mx.array:
+        y = linear(x, self.weight)
+        return y + self.bias if "bias" in self else y
+
+
+class Embedding(nn.Embedding):
+    def as_linear(self, x: mx.array) -> mx.array:
+        return linear(x, self.weight)
+
+
+class RMSNorm(nn.RMSNorm):
+    def __call__(self, x: mx.array) -> mx.array:
+        return rms_norm(x, self["weight"], self.eps)
+
+
+class RoPE(nn.Module):
+    """Non-interleaved RoPE; `proportional` rotates the first p·D/2 pairs with exponents over the full D and
+    leaves the rest unrotated (spec §1.3.4), expressed as `inf` periods."""
+
+    def __init__(self, params: dict, head_dim: int):
+        super().__init__()
+        kind = params.get("rope_type", "default")
+        base, factor = params.get("rope_theta", 10_000.0), params.get("factor", 1.0)
+        if kind == "proportional":
+            pairs = int(params.get("partial_rotary_factor", 1.0) * head_dim // 2)
+            rotated = factor * base ** (mx.arange(0, 2 * pairs, 2, dtype=mx.float32) / head_dim)
+            self._freqs = mx.concatenate([rotated, mx.full((head_dim // 2 - pairs,), mx.inf)])
+        elif kind == "default" and params.get("partial_rotary_factor", 1.0) == 1.0:
+            self._freqs = base ** (mx.arange(0, head_dim, 2, dtype=mx.float32) / head_dim)
+        else:
+            raise ConfigError(f"rope {params} is not supported")
+        mx.eval(self._freqs)  # a constant: evaluate now, so any thread can use it (MLX streams are per thread)
+
+    def __call__(self, x: mx.array, offset: mx.array) -> mx.array:
+        return rope(x, offset, self._freqs)
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = Linear(hidden, intermediate, bias=False)
+        self.up_proj = Linear(hidden, intermediate, bias=False)
+        self.down_proj = Linear(intermediate, hidden, bias=False)
+
+    def __call__(self, x):
+        return self.down_proj(geglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class CausalLM(nn.Module):
+    """What the engine needs from a target family (gemma4_text.py, gemma3_text.py): `(logits, final-norm
+    hidden) = target(tokens, cache)`, its cache and chunked prefill. Subclasses set `config`, `model` (with
+    `embed_tokens` and `embed`) and `lm_head` when the head is untied."""
+
+    def __call__(self, tokens: mx.array, cache: TargetCache, last_only: bool = False):
+        hidden = self.model(tokens, cache)
+        if last_only:
+            hidden = hidden[:, -1:]
+        return self.logits(hidden), hidden
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        out = self.model.embed_tokens.as_linear(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
+        cap = self.config.final_logit_softcapping
+        return out if cap is None else softcap(out, cap)
+
+    def make_cache(self, batch: int = 1, chunk: int = 256) -> TargetCache:
+        from ..cache import TargetCache  # the cache imports the layer-type names from here
+
+        return TargetCache(self.config, batch, chunk)
+
+    def prefill(self, tokens: mx.array, cache: TargetCache):
+        """Run a prompt through in chunks of at most `cache.chunk` tokens; returns the last position's
+        (logits, hidden)."""
+        for s in range(0, tokens.shape[1], cache.chunk):
+            logits, hidden = self(tokens[:, s : s + cache.chunk], cache, last_only=True)
+            mx.eval(logits, hidden, cache.state())
+        return logits, hidden
