@@ -1,6 +1,6 @@
 """convert(src, out): read the config → resolve it → check every tensor's name and shape against the layout the
 config implies → stream the tensors (rename, split, cast, quantize) into shards in a temp dir → write the config and
-tokenizer files → rename the temp dir to `out`. Spec §1.2, §1.5, §2.2, §6."""
+tokenizer files → rename the temp dir to `out`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Names and shapes (spec §1.5, §2.2): the tensors a converted checkpoint must hold, computed from the resolved
+"""Names and shapes: the tensors a converted checkpoint must hold, computed from the resolved
 config, and the map from each source layout's names to them.
 
 Target names are mlx-lm's `gemma4_text.Model` parameter tree exactly (so `mlx_lm.load` reads our output, and
@@ -54,7 +54,7 @@ def _decoder_layer(lay: Layout, cfg: TextConfig, i: int, p: str):
     lay.module(p + "self_attn.q_proj", heads * D, H)
     lay.param(p + "self_attn.q_norm.weight", D)
     lay.module(p + "self_attn.o_proj", H, heads * D)
-    if i < cfg.first_shared_layer:  # producers own K/V; consumers reuse an earlier layer's (spec §1.4)
+    if i < cfg.first_shared_layer:  # producers own K/V; consumers reuse an earlier layer's
         lay.module(p + "self_attn.k_proj", kv * D, H)
         lay.param(p + "self_attn.k_norm.weight", D)
         if not (cfg.attention_k_eq_v and cfg.layer_types[i] == FULL):
@@ -135,7 +135,7 @@ def _unwrap(key: str) -> str | None:
 
 
 def target_names(key: str, cfg: TextConfig, wrapper: bool, mlx: bool) -> list[str]:
-    """The converted names of a target tensor: [] to drop it, two for a fused expert gate_up (spec §1.3.5)."""
+    """The converted names of a target tensor: [] to drop it, two for a fused expert gate_up."""
     if wrapper or mlx:
         key = _unwrap(key)
         if key is None:
@@ -143,7 +143,7 @@ def target_names(key: str, cfg: TextConfig, wrapper: bool, mlx: bool) -> list[st
     if key.endswith(BUFFERS) or (key == "lm_head.weight" and cfg.tie_word_embeddings):
         return []
     if (m := KV_OF_LAYER.search(key)) and int(m.group(1)) >= cfg.first_shared_layer:
-        return []  # consumers reuse their producer's K/V (spec §1.4); HF lists these as ignorable
+        return []  # consumers reuse their producer's K/V; HF lists these as ignorable
     if key.endswith(".experts.gate_up_proj"):
         base = key.removesuffix(".gate_up_proj")
         return [f"{base}.switch_glu.gate_proj.weight", f"{base}.switch_glu.up_proj.weight"]

@@ -1,4 +1,4 @@
-"""KV caches of the target's producer layers: written by the target, read in place by the drafter (spec §4).
+"""KV caches of the target's producer layers: written by the target, read in place by the drafter.
 
 One `LayerCache` per producer layer holds K and V as `[B, kv_heads, slots, head_dim]` and each row's length (the
 number of positions it holds = the next position to write). Position p of a row lives in slot p (full layers,
@@ -6,13 +6,13 @@ a linear buffer that grows) or slot p mod capacity (sliding layers, a ring). The
 function of the row's length, so:
 - masks are built from positions, never from write order (attention is permutation-invariant over keys: RoPE is
   already in K), so the ring never needs re-ordering and writes never concatenate;
-- rollback of rejected drafts is `length -= n`: stale slots map to positions outside every window (§4.3).
+- rollback of rejected drafts is `length -= n`: stale slots map to positions outside every window.
 
 A ring of capacity `W + chunk` serves target queries (positions q-W < p <= q) and the drafter (the W+1 newest
-accepted positions, §2.4) as long as one forward writes at most `chunk` tokens and `chunk >= K_max + 1`. The slots
-beyond the window are what rollback (and a chat turn that rewrites the end of the conversation) goes back to; a
-target forward reads only the slice of slots its queries can see (`TargetCache.reads`), the whole ring only when
-that slice would wrap around the ring's end.
+accepted positions, docs/design.md) as long as one forward writes at most `chunk` tokens and `chunk >= K_max + 1`.
+The slots beyond the window are what rollback (and a chat turn that rewrites the end of the conversation) goes back
+to; a target forward reads only the slice of slots its queries can see (`TargetCache.reads`), the whole ring only
+when that slice would wrap around the ring's end.
 """
 
 from __future__ import annotations
@@ -198,7 +198,7 @@ def _put_slots(buffer: mx.array, slots: np.ndarray, new: mx.array) -> mx.array:
 
 
 class TargetCache:
-    """The caches of all producer layers of a target (consumer layers own none, spec §1.4).
+    """The caches of all producer layers of a target (consumer layers own none).
 
     `layers[i]` is the cache of producer layer i. `chunk` is the most tokens one forward may write; the sliding
     rings have capacity `sliding_window + chunk`.

@@ -1,7 +1,7 @@
 """Distillation: train a `gemma4_assistant` MTP drafter for a target that has none (`gemma-mlx distill`).
 
-The result is a Hugging Face checkpoint (config.json with a `text_config`, model.safetensors with the HF names of
-spec §2.2, generation_config.json with `num_assistant_tokens`), so it goes through `gemma-mlx convert` and
+The result is a Hugging Face checkpoint (config.json with a `text_config`, model.safetensors with the names Google's
+drafters have, generation_config.json with `num_assistant_tokens`), so it goes through `gemma-mlx convert` and
 `gemma_mlx.load` exactly like Google's drafters, and transformers' Gemma4AssistantForCausalLM reads it.
 
 What happens, top to bottom (each phase is resumable from the work dir `<out>.work`):
@@ -9,7 +9,7 @@ What happens, top to bottom (each phase is resumable from the work dir `<out>.wo
    its top-d principal directions (uncentred, so E_a·E_aᵀ is the best rank-d approximation of the target's own
    E·Eᵀ: tokens the target tells apart stay apart), rescaled to unit mean row norm. Its rows are clustered by a
    balanced k-means (Lloyd iterations whose assignment step fills C clusters of exactly V/C tokens, greedily, most
-   confident tokens first) into `token_ordering` (§2.5), and the centroid head starts at the cluster means, so the
+   confident tokens first) into `token_ordering`, and the centroid head starts at the cluster means, so the
    untrained centroid head already picks the clusters whose tokens score highest. Layers start from MLX's defaults.
 2. **Data.** Sequences the target runs teacher-forced over once, recording at every position what the drafter needs:
    the final-norm hidden, the K/V of its producer layers (what the drafter reads at run time) and its argmax next
@@ -18,7 +18,7 @@ What happens, top to bottom (each phase is resumable from the work dir `<out>.wo
    in batch mode, no drafter), and windows of real documents
    (`--corpus`, `corpus.py`: one prefill per batch of windows, far cheaper per position than decoding). Each batch is
    a shard on disk (hidden and K/V in float16), read back one at a time while training.
-3. **Training, the way the drafter runs** (§2.4, §2.6). For every start position p of a sequence at once, K chained
+3. **Training, the way the drafter runs**. For every start position p of a sequence at once, K chained
    steps: the query sits at position p (= L−1) for all K steps, full layers see target K/V at positions ≤ p−1,
    sliding layers the W+1 newest of those; step 1's input is [E_target[t_p]·√H, target hidden at p−1], step j+1's
    is the drafter's own post_projection output and the token the target emitted at p+j (what an accepted draft
@@ -527,7 +527,7 @@ def load_drafter_weights(drafter: Drafter, path: Path):
 
 
 def save_hf(drafter: Drafter, raw: dict, out: Path, result: dict, force: bool, report: Reporter = Reporter()):
-    """The drafter in Hugging Face layout (spec §2.2 names; token_ordering int64 as HF stores it), with
+    """The drafter in Hugging Face layout (Google's names; token_ordering int64 as HF stores it), with
     acceptance.json and acceptance.png (the training history), written into a temp dir renamed at the end. No
     tokenizer: a drafter uses its target's."""
     from .convert.writer import atomic_dir

@@ -1,9 +1,9 @@
-"""Token choice for the verify step: greedy, or exact speculative sampling with greedy drafts (spec §2.7).
+"""Token choice for the verify step: greedy, or exact speculative sampling with greedy drafts.
 
 Drafts are the drafter's greedy tokens, i.e. a point-mass proposal q = δ_d. The exact rule for that proposal:
 accept d_i with probability p_i(d_i); at the first rejection sample from p_i with d_i removed and renormalised;
 after K acceptances sample the bonus token from p_K. Every emitted token is then distributed exactly as plain
-sampling from p (transformers' rule, min(1, p/q) with q = softmax(raw drafter logits), is not: spec §5 item 12).
+sampling from p (transformers' rule, min(1, p/q) with q = softmax(raw drafter logits), is not).
 
 p is the target distribution after the same processors as plain sampling (mlx-lm's top-p / min-p / top-k filters
 on log-probabilities, then the temperature), and plain sampling is this same code with K = 0.

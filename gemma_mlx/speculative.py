@@ -1,4 +1,4 @@
-"""The speculative loop (spec §2.6): draft K → verify K+1 in one target forward → accept → roll back.
+"""The speculative loop: draft K → verify K+1 in one target forward → accept → roll back.
 
 State between rounds, per row: the last emitted token x (position L−1, not yet in the cache), the target's
 final-norm hidden g at position L−2, and the target cache holding positions 0…L−2. A round:

@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 
 @partial(mx.compile, shapeless=True)
 def rms_norm(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
-    """x / rms(x) · weight (Gemma 4 multiplies by w, spec §1.3.1); weight None: no scale."""
+    """x / rms(x) · weight (Gemma 4 multiplies by w); weight None: no scale."""
     return mx.fast.rms_norm(x, weight, eps)
 
 
@@ -103,7 +103,7 @@ class RMSNorm(nn.RMSNorm):
 
 class RoPE(nn.Module):
     """Non-interleaved RoPE; `proportional` rotates the first p·D/2 pairs with exponents over the full D and
-    leaves the rest unrotated (spec §1.3.4), expressed as `inf` periods."""
+    leaves the rest unrotated, expressed as `inf` periods."""
 
     def __init__(self, params: dict, head_dim: int):
         super().__init__()

@@ -1,8 +1,8 @@
-"""The Gemma 4 MTP drafter (`gemma4_assistant`, `gemma4_unified_assistant`), spec §2.
+"""The Gemma 4 MTP drafter (`gemma4_assistant`, `gemma4_unified_assistant`); docs/design.md, "The drafter's inputs".
 
 It owns no K/V projections and no cache: every layer attends to the target's cache of the last producer layer of
-its type, read in place (§4). One round drafts K tokens from a single position: the query always sits at position
-p = L−1 (§2.6, pitfall 5), the first input is [E_target[x]·√H, target final-norm hidden at L−2] (§2.3), and each
+its type, read in place. One round drafts K tokens from a single position: the query always sits at position
+p = L−1, the first input is [E_target[x]·√H, target final-norm hidden at L−2], and each
 next step feeds back the drafter's own projected hidden state and its greedy token.
 
 The K steps of a round are one compiled function per K (`mx.compile`: elementwise ops fused, the graph traced once),
@@ -25,7 +25,7 @@ from .gemma4_text import DecoderLayer, Target, TextConfig, text_config_of
 
 @dataclass
 class DrafterConfig:
-    """A Gemma 4 MTP assistant (`gemma4_assistant`, spec §2.1). `text` describes the drafter's layers, whose KV
+    """A Gemma 4 MTP assistant (`gemma4_assistant`). `text` describes the drafter's layers, whose KV
     geometry must be the target's (it attends to the target's cache)."""
 
     text: TextConfig
@@ -69,14 +69,14 @@ class AssistantModel(nn.Module):
     def __init__(self, cfg: DrafterConfig):
         super().__init__()
         t = cfg.text
-        self.embed_tokens = Embedding(t.vocab_size, t.hidden_size)  # the LM head only (§2.2): never embeds
+        self.embed_tokens = Embedding(t.vocab_size, t.hidden_size)  # the LM head only: never embeds
         # Every layer is a kv-shared consumer (num_kv_shared_layers == num_hidden_layers): q/o projections only.
         self.layers = [DecoderLayer(t, i) for i in range(t.num_hidden_layers)]
         self.norm = RMSNorm(t.hidden_size, eps=t.rms_norm_eps)
 
 
 class MaskedEmbedding(nn.Module):
-    """The centroid head (§2.5): score C centroids, keep the top k_c, score only their V/C tokens each."""
+    """The centroid head: score C centroids, keep the top k_c, score only their V/C tokens each."""
 
     def __init__(self, cfg: DrafterConfig):
         super().__init__()
@@ -111,7 +111,7 @@ class Drafter(nn.Module):
         return self.forward(mx.concatenate([self._target.model.embed(x), g], axis=-1), offset, kv, masks)
 
     def forward(self, u: mx.array, offset: mx.array, kv: dict, masks: dict):
-        """The assistant forward (§2.3) from its input u = [E_target[x]·√H, g] ([B, 1, 2H])."""
+        """The assistant forward from its input u = [E_target[x]·√H, g] ([B, 1, 2H])."""
         h = self.pre_projection(u)
         for layer in self.model.layers:
             h = layer(h, offset, KV(*kv[layer.layer_type]), masks[layer.layer_type])
@@ -119,7 +119,7 @@ class Drafter(nn.Module):
         return h[:, 0], self.post_projection(h)
 
     def greedy(self, h: mx.array) -> mx.array:
-        """The drafted token [B] (drafts are greedy at any temperature: spec §2.7, point-mass proposal)."""
+        """The drafted token [B] (drafts are greedy at any temperature: a point-mass proposal, docs/design.md)."""
         if not self.config.use_ordered_embeddings:
             return mx.argmax(self.model.embed_tokens.as_linear(h), axis=-1)
         buckets, logits = self.masked_embedding.candidates(h, self.model.embed_tokens)
@@ -164,8 +164,8 @@ class Drafter(nn.Module):
         return {t: cache.producer(t).view(whole=True) for t in self.layer_types}
 
     def masks(self, cache: TargetCache) -> dict:
-        """Clean view of the accepted prefix (§2.6) over the slots `reads` gives: full layers see positions ≤ L−2
-        (the whole valid cache), sliding layers the W+1 newest of them (§2.4: one more than the target's own
+        """Clean view of the accepted prefix over the slots `reads` gives: full layers see positions ≤ L−2
+        (the whole valid cache), sliding layers the W+1 newest of them (one more than the target's own
         window)."""
         last = cache.lengths - 1  # position L−2 of each row
         window = {SLIDING: self.config.text.sliding_window + 1, FULL: None}

@@ -1,9 +1,9 @@
-"""The Gemma 4 text target (`gemma4_text`, and the `gemma4` wrapper reduced to text), spec §1.
+"""The Gemma 4 text target (`gemma4_text`, and the `gemma4` wrapper reduced to text).
 
 `TextConfig` resolves a Hugging Face config against transformers' defaults (HF configs may omit fields, and
 transformers 5.23 writes `per_layer_config` instead of `global_head_dim`) into an explicit dataclass; the converter
 writes `to_dict()`, so a converted checkpoint never depends on anyone's defaults again (and loads in mlx-lm, whose
-defaults differ: spec §1.2).
+defaults differ).
 
 Parameter names are mlx-lm's `gemma4_text.Model` tree, so converted checkpoints load in both. Unlike mlx-lm the
 forward returns (logits, final-norm hidden states), the hidden state being the drafter's input, and it writes the
@@ -108,7 +108,7 @@ class TextConfig:
             raise ConfigError(f"num_kv_shared_layers={self.num_kv_shared_layers} out of range for {n} layers")
 
     def _resolve_per_layer_config(self, per_layer: Optional[dict]):
-        """transformers 5.23 stores `global_head_dim` / global KV heads as per-layer overrides (spec §1.2.1)."""
+        """transformers 5.23 stores `global_head_dim` / global KV heads as per-layer overrides."""
         if not per_layer:
             return
         full = {int(i) for i, t in enumerate(self.layer_types) if t == FULL}
@@ -146,7 +146,7 @@ class TextConfig:
         return self.num_hidden_layers - self.num_kv_shared_layers
 
     def producer_for(self, layer_type: str) -> int:
-        """Index of the last non-shared layer of a type: KV source of consumers and of the drafter (spec §1.4)."""
+        """Index of the last non-shared layer of a type: KV source of consumers and of the drafter."""
         candidates = [i for i in range(self.first_shared_layer) if self.layer_types[i] == layer_type]
         if not candidates:
             raise ConfigError(f"no non-shared {layer_type} layer produces a KV cache")
@@ -185,7 +185,7 @@ def text_config_of(raw: dict) -> dict:
 
 class Attention(nn.Module):
     """Scale 1.0 (q/k are RMS-normalised per head). Producer layers write K/V into their cache; consumer layers
-    (kv-shared, §1.4) attend to their producer's cache and own only q/o projections."""
+    (kv-shared) attend to their producer's cache and own only q/o projections."""
 
     def __init__(self, cfg: TextConfig, i: int):
         super().__init__()
@@ -221,7 +221,7 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Spec §1.3.3: attention, dense MLP (+ MoE beside it), PLE injection, then `layer_scalar` on the whole stream."""
+    """Attention, dense MLP (+ MoE beside it), PLE injection, then `layer_scalar` on the whole stream."""
 
     def __init__(self, cfg: TextConfig, i: int):
         super().__init__()
@@ -252,7 +252,7 @@ class DecoderLayer(nn.Module):
         h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), offset, cache, mask))
         r = h
         f = self.mlp(self.pre_feedforward_layernorm(r))
-        if self.enable_moe:  # router and experts read the residual stream r, not the MLP's normed input (§1.3.5)
+        if self.enable_moe:  # router and experts read the residual stream r, not the MLP's normed input
             experts = self.experts(self.pre_feedforward_layernorm_2(r), *self.router(r))
             f = self.post_feedforward_layernorm_1(f) + self.post_feedforward_layernorm_2(experts)
         h = r + self.post_feedforward_layernorm(f)
@@ -277,13 +277,13 @@ class Gemma4TextModel(nn.Module):
             self.per_layer_projection_norm = RMSNorm(P, eps=cfg.rms_norm_eps)
 
     def embed(self, tokens: mx.array) -> mx.array:
-        """The scaled token embedding E[x]·√H (also the drafter's input, §2.3); the scale rounds to the weight dtype
+        """The scaled token embedding E[x]·√H (also the drafter's input); the scale rounds to the weight dtype
         as in HF."""
         e = self.embed_tokens(tokens)
         return e * mx.array(math.sqrt(self.cfg.hidden_size), dtype=e.dtype)
 
     def per_layer_inputs(self, tokens: mx.array, e: mx.array) -> mx.array:
-        """PLE (§1.3.2): [B, T, N, P] = (norm(proj(e)·H^-½) + E_ple[x]·√P)·2^-½."""
+        """PLE: [B, T, N, P] = (norm(proj(e)·H^-½) + E_ple[x]·√P)·2^-½."""
         cfg = self.cfg
         N, P = cfg.num_hidden_layers, cfg.hidden_size_per_layer_input
         t = self.embed_tokens_per_layer(tokens)

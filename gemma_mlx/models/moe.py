@@ -1,4 +1,4 @@
-"""The MoE experts of Gemma 4 (spec §1.3.5) with expert-union verification.
+"""The MoE experts of Gemma 4 with expert-union verification.
 
 mlx-lm's SwitchGLU runs one product per (token, expert) pair: a verify step over B×(K+1) tokens reads expert
 weights B×(K+1)×top_k times even when tokens share experts. It sorts the pairs by expert once there are >= 64 of
