@@ -26,7 +26,6 @@ import numpy as np
 
 from gemma_mlx import _blas
 from gemma_mlx.batch import BatchDecoder
-from gemma_mlx.cache import TargetCache
 from gemma_mlx.speculative import DraftLength
 
 from .controlled import ControlledDrafter
@@ -83,7 +82,7 @@ def verify_costs(target, batch: int, k: int, reps: int):
     """Median seconds of one target forward over B tokens and over B×(K+1) tokens (a 64-token context), for the
     expert-union path and mlx-lm's per-pair path; the four are measured interleaved."""
     rng = np.random.default_rng(batch)
-    cache = TargetCache(target.config, batch=batch, chunk=64)
+    cache = target.make_cache(batch=batch, chunk=64)
     mx.eval(target(mx.array(rng.integers(3, 30000, (batch, 64))), cache))
     times = {(union, t): [] for union in (True, False) for t in (1, k + 1)}
     for rep in range(reps + 1):

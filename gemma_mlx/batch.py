@@ -26,7 +26,6 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .cache import TargetCache
 from .models.gemma4_assistant import Drafter
 from .models.gemma4_text import Target
 from .sampling import SamplingParams, verify_choices
@@ -66,7 +65,7 @@ class BatchDecoder:
         if drafter is None and (self.draft.fixed or 0) > 0:
             raise ValueError("draft tokens requested but no drafter is loaded")
         self.tokenizer, self.chunk = tokenizer, chunk
-        self.cache = TargetCache(target.config, batch=0, chunk=chunk)
+        self.cache = target.make_cache(batch=0, chunk=chunk)
         self.rows: list[Row] = []  # the rows in the batch, in cache-row order
         self.finished: list[Row] = []  # rows finished since the last step (a row can finish at its first token)
         self.x = self.g = None  # per row: last emitted token [B, 1], target hidden before it [B, 1, H]
@@ -86,7 +85,7 @@ class BatchDecoder:
         row = Row(next(self.ids), [int(t) for t in prompt], TextStream(self.tokenizer, self.eos_ids, stops, max_tokens))
         row.stats.prompt_tokens = row.stats.prefill_tokens = len(row.prompt)
         t0 = time.perf_counter()
-        cache = TargetCache(self.target.config, batch=1, chunk=self.chunk)
+        cache = self.target.make_cache(batch=1, chunk=self.chunk)
         logits, hidden = self.target.prefill(mx.array([row.prompt]), cache)
         _, first = verify_choices(logits, mx.zeros((1, 0), mx.int32), self.params, self._next_key())
         first = first.astype(mx.int32)

@@ -17,24 +17,26 @@ when that slice would wrap around the ring's end.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import mlx.core as mx
 import numpy as np
 
 from .models.base import FULL
 
-if TYPE_CHECKING:
-    from .models.gemma4_text import TextConfig
 
 GROW_STEP = 256
 
 
 class LayerCache:
-    def __init__(self, batch: int, ring_capacity: int | None = None, window: int = 0):
+    """One producer layer's K/V, `[B, kv_heads, slots, head_dim]`, and each row's length; where a position lives is
+    its subclass's: `LinearCache` (full layers) or `RingCache` (sliding layers)."""
+
+    ring_capacity: int | None = None
+    window: int | None = None
+
+    def __init__(self, batch: int):
         self.lengths = np.zeros(batch, dtype=np.int64)
-        self.ring_capacity = ring_capacity
-        self.window = window
         self.keys = self.values = None
 
     @property
@@ -45,33 +47,26 @@ class LayerCache:
     def batch(self) -> int:
         return len(self.lengths)
 
-    def slots(self, lengths: np.ndarray | None = None, whole: bool = False) -> int:
-        """Slots worth reading: the whole ring, or the used prefix of the linear buffer (`whole`: all of it)."""
-        lengths = self.lengths if lengths is None else lengths
-        if whole and self.keys is not None:
-            return self.keys.shape[2]
-        return self.ring_capacity if self.is_ring else int(lengths.max())
+    def slots(self, lengths: np.ndarray | None = None) -> int:
+        """How many slots are worth reading for these row lengths (by default the current ones)."""
+        raise NotImplementedError
 
-    def positions(self, lengths: np.ndarray | None = None, whole: bool = False) -> np.ndarray:
+    def positions(self, lengths: np.ndarray | None = None) -> np.ndarray:
         """Position held by each readable slot, per row: int [B, slots], -1 for empty slots (for the given row
-        lengths, by default the current ones; `whole`: every allocated slot, as `view(whole=True)` reads)."""
+        lengths, by default the current ones)."""
         lengths = self.lengths if lengths is None else lengths
-        last = lengths[:, None] - 1
-        j = np.arange(self.slots(lengths, whole))[None, :]
-        if self.is_ring:
-            pos = last - (last - j) % self.ring_capacity
-            return np.where(pos >= 0, pos, -1)
-        return np.where(j <= last, j, -1)
+        return self._positions(lengths, self.slots(lengths))
+
+    def buffer_positions(self) -> np.ndarray:
+        """`positions` over every allocated slot, as `buffer()` reads them."""
+        return self._positions(self.lengths, self.keys.shape[2] if self.keys is not None else self.slots())
 
     def write(self, keys: mx.array, values: mx.array):
         """Append T new positions to every row (K/V: [B, kv_heads, T, head_dim])."""
         B, _, T, _ = keys.shape
-        if self.is_ring and T > self.ring_capacity:
-            raise ValueError(f"a forward of {T} tokens does not fit a sliding ring of {self.ring_capacity}")
+        self._check_fits(T)
         self._reserve(keys, values, int(self.lengths.max()) + T)
-        slots = self.lengths[:, None] + np.arange(T)[None, :]
-        if self.is_ring:
-            slots %= self.ring_capacity
+        slots = self._slot_of(self.lengths[:, None] + np.arange(T)[None, :])
         first = int(slots[0, 0])
         if (slots == first + np.arange(T)).all():  # every row writes the same run of slots: a slice update
             self.keys[..., first : first + T, :] = keys.astype(self.keys.dtype)
@@ -81,55 +76,31 @@ class LayerCache:
             self.values = _put_slots(self.values, slots, values)
         self.lengths = self.lengths + T
 
-    def view(self, whole: bool = False) -> tuple[mx.array, mx.array]:
-        """The readable K/V, in place: the ring itself or a prefix slice of the linear buffer (no copy). `whole`:
-        all allocated slots, a shape that changes only every GROW_STEP positions (the drafter's compiled steps)."""
-        if self.is_ring or whole:
-            return self.keys, self.values
+    def view(self) -> tuple[mx.array, mx.array]:
+        """The readable K/V, in place (no copy)."""
         n = self.slots()
         return self.keys[..., :n, :], self.values[..., :n, :]
 
-    def span(self, start: np.ndarray, T: int) -> slice:
-        """The slots a T-token forward from row lengths `start` can see: one slice holding every row's keys (the
-        used prefix of a linear buffer; on a ring the window of each row, unless one wraps around the ring's end:
-        then the whole ring)."""
-        after = start + T
-        if not self.is_ring:
-            return slice(0, int(after.max()))
-        first = np.maximum(start - self.window + 1, 0)  # the oldest position the first query sees
-        lo = first % self.ring_capacity
-        hi = lo + (after - first)
-        if (hi > self.ring_capacity).any():
-            return slice(0, self.ring_capacity)
-        return slice(int(lo.min()), int(hi.max()))
+    def buffer(self) -> tuple[mx.array, mx.array]:
+        """All allocated slots: a shape that changes only when a linear buffer grows (the drafter's compiled
+        steps read this, masked by `buffer_positions`)."""
+        return self.keys, self.values
 
     def rollback(self, n):
         """Forget the last n positions of each row (n: int or one int per row)."""
         n = np.broadcast_to(np.asarray(n, dtype=np.int64), self.lengths.shape)
         if (n < 0).any() or (n > self.lengths).any():
             raise ValueError(f"cannot roll back {n.tolist()} of {self.lengths.tolist()} positions")
-        if self.is_ring and (n > self.max_rollback()).any():
+        if (n > self._rollback_bound()).any():
             raise ValueError(f"sliding ring cannot roll back more than {self.max_rollback()} positions")
         self.lengths = self.lengths - n
 
     def max_rollback(self) -> int:
-        """How far back a row can go and still hold the drafter's W+1 newest positions (linear: all the way)."""
-        if not self.is_ring:
-            return int(self.lengths.min())
-        return self.ring_capacity - self.window - 1
+        """How far back every row can go and still hold what the target and the drafter read."""
+        raise NotImplementedError
 
-    def _reserve(self, keys: mx.array, values: mx.array, needed: int):
-        B, kv, _, _ = keys.shape
-        size = self.ring_capacity if self.is_ring else -(-needed // GROW_STEP) * GROW_STEP
-        have = 0 if self.keys is None else self.keys.shape[2]
-        if have >= size:
-            return
-        new_k = mx.zeros((B, kv, size, keys.shape[3]), keys.dtype)
-        new_v = mx.zeros((B, kv, size, values.shape[3]), values.dtype)
-        if have:  # amortised growth of the linear buffer (every GROW_STEP tokens), never on the ring
-            new_k[..., :have, :] = self.keys
-            new_v[..., :have, :] = self.values
-        self.keys, self.values = new_k, new_v
+    def _rollback_bound(self):
+        return self.max_rollback()
 
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
@@ -141,7 +112,7 @@ class LayerCache:
         if self.keys is None:
             return
         idx = mx.array(rows, dtype=mx.int32)
-        size = self.keys.shape[2] if self.is_ring else -(-int(self.lengths.max(initial=0)) // GROW_STEP) * GROW_STEP
+        size = self._allocation(int(self.lengths.max(initial=0)))
         self.keys, self.values = self.keys[..., :size, :][idx], self.values[..., :size, :][idx]
 
     def extend_rows(self, other: "LayerCache"):
@@ -154,6 +125,98 @@ class LayerCache:
         self.keys = mx.concatenate([_pad_slots(self.keys, size), _pad_slots(other.keys, size)])
         self.values = mx.concatenate([_pad_slots(self.values, size), _pad_slots(other.values, size)])
         self.lengths = np.concatenate([self.lengths, other.lengths])
+
+    def _reserve(self, keys: mx.array, values: mx.array, needed: int):
+        B, kv, _, _ = keys.shape
+        size = self._allocation(needed)
+        have = 0 if self.keys is None else self.keys.shape[2]
+        if have >= size:
+            return
+        new_k = mx.zeros((B, kv, size, keys.shape[3]), keys.dtype)
+        new_v = mx.zeros((B, kv, size, values.shape[3]), values.dtype)
+        if have:  # amortised growth of the linear buffer (every GROW_STEP tokens), never on the ring
+            new_k[..., :have, :] = self.keys
+            new_v[..., :have, :] = self.values
+        self.keys, self.values = new_k, new_v
+
+    def _check_fits(self, T: int):
+        pass
+
+    def _slot_of(self, pos: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _positions(self, lengths: np.ndarray, n: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def _allocation(self, needed: int) -> int:
+        raise NotImplementedError
+
+
+class LinearCache(LayerCache):
+    """A full layer: position p in slot p of a buffer that grows by GROW_STEP slots."""
+
+    def slots(self, lengths: np.ndarray | None = None) -> int:
+        return int((self.lengths if lengths is None else lengths).max())
+
+    def span(self, start: np.ndarray, T: int) -> slice:
+        """The slots a T-token forward from row lengths `start` can see: the used prefix."""
+        return slice(0, int((start + T).max()))
+
+    def max_rollback(self) -> int:
+        return int(self.lengths.min())
+
+    def _rollback_bound(self):
+        return self.lengths  # each row as far as its own length
+
+    def _slot_of(self, pos: np.ndarray) -> np.ndarray:
+        return pos
+
+    def _positions(self, lengths: np.ndarray, n: int) -> np.ndarray:
+        j = np.arange(n)[None, :]
+        return np.where(j <= lengths[:, None] - 1, j, -1)
+
+    def _allocation(self, needed: int) -> int:
+        return -(-needed // GROW_STEP) * GROW_STEP
+
+
+class RingCache(LayerCache):
+    """A sliding layer: position p in slot p mod capacity of a ring of `window + chunk` slots."""
+
+    def __init__(self, batch: int, capacity: int, window: int):
+        super().__init__(batch)
+        self.ring_capacity, self.window = capacity, window
+
+    def slots(self, lengths: np.ndarray | None = None) -> int:
+        return self.ring_capacity
+
+    def span(self, start: np.ndarray, T: int) -> slice:
+        """The slots a T-token forward from row lengths `start` can see: the window of each row in one slice, unless
+        one wraps around the ring's end (then the whole ring)."""
+        first = np.maximum(start - self.window + 1, 0)  # the oldest position the first query sees
+        lo = first % self.ring_capacity
+        hi = lo + (start + T - first)
+        if (hi > self.ring_capacity).any():
+            return slice(0, self.ring_capacity)
+        return slice(int(lo.min()), int(hi.max()))
+
+    def max_rollback(self) -> int:
+        """How far back a row can go and still hold the drafter's W+1 newest positions."""
+        return self.ring_capacity - self.window - 1
+
+    def _check_fits(self, T: int):
+        if T > self.ring_capacity:
+            raise ValueError(f"a forward of {T} tokens does not fit a sliding ring of {self.ring_capacity}")
+
+    def _slot_of(self, pos: np.ndarray) -> np.ndarray:
+        return pos % self.ring_capacity
+
+    def _positions(self, lengths: np.ndarray, n: int) -> np.ndarray:
+        last = lengths[:, None] - 1
+        pos = last - (last - np.arange(n)[None, :]) % self.ring_capacity
+        return np.where(pos >= 0, pos, -1)
+
+    def _allocation(self, needed: int) -> int:
+        return self.ring_capacity
 
 
 class Span:
@@ -198,20 +261,26 @@ def _put_slots(buffer: mx.array, slots: np.ndarray, new: mx.array) -> mx.array:
 
 
 class TargetCache:
-    """The caches of all producer layers of a target (consumer layers own none).
+    """The caches of all producer layers of a target (consumer layers own none), built from the layer specs the
+    model hands over (`CausalLM.make_cache`): each producer layer's type, the sliding window, and which layer the
+    drafter reads for each type.
 
     `layers[i]` is the cache of producer layer i. `chunk` is the most tokens one forward may write; the sliding
-    rings have capacity `sliding_window + chunk`.
+    rings have capacity `window + chunk`.
     """
 
-    def __init__(self, config: TextConfig, batch: int = 1, chunk: int = 256):
-        self.config = config
-        self.chunk = chunk
-        self.window = config.sliding_window
-        self.layers: list[LayerCache] = []
-        for i in range(config.first_shared_layer):
-            ring = None if config.layer_types[i] == FULL else self.window + chunk
-            self.layers.append(LayerCache(batch, ring, self.window))
+    def __init__(self, layer_types: list[str], window: int, producers: dict[str, int], batch: int = 1,
+                 chunk: int = 256):
+        self.chunk, self.window, self.producers = chunk, window, producers
+        self.layers: list[LayerCache] = [LinearCache(batch) if t == FULL else RingCache(batch, window + chunk, window)
+                                         for t in layer_types]
+
+    @classmethod
+    def of(cls, config, batch: int = 1, chunk: int = 256) -> "TargetCache":
+        """The cache for a model config (Gemma 4's or Gemma 3's: layer_types, first_shared_layer, sliding_window,
+        producer_for)."""
+        types = config.layer_types[: config.first_shared_layer]
+        return cls(types, config.sliding_window, {t: config.producer_for(t) for t in set(types)}, batch, chunk)
 
     @property
     def lengths(self) -> np.ndarray:
@@ -248,12 +317,12 @@ class TargetCache:
         layer reads its W newest slots, unmasked, not the whole ring."""
         c = self.producer(layer_type)
         slots = c.span(start, T)
-        ok = visible(start, T, c.positions(start + T)[:, slots], c.window if c.is_ring else None)
+        ok = visible(start, T, c.positions(start + T)[:, slots], c.window)
         return Reads(slots, None if ok.all() else mx.array(ok[:, None]))
 
     def producer(self, layer_type: str) -> LayerCache:
         """The cache the drafter reads for a layer type (the last producer of that type)."""
-        return self.layers[self.config.producer_for(layer_type)]
+        return self.layers[self.producers[layer_type]]
 
     def nbytes(self) -> int:
         return sum(c.nbytes() for c in self.layers)

@@ -155,9 +155,9 @@ def test_padded_and_rejected_slots_are_never_attended(pair, hf_dir):
 def test_cache_row_operations():
     cfg = TextConfig.from_dict(dict(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"],
                                     sliding_window=4, hidden_size_per_layer_input=0))
-    cache = TargetCache(cfg, batch=0, chunk=4)
+    cache = TargetCache.of(cfg, batch=0, chunk=4)
     for n in (3, 300, 9):
-        one = TargetCache(cfg, batch=1, chunk=4)
+        one = TargetCache.of(cfg, batch=1, chunk=4)
         for layer in one.layers:
             for s in range(0, n, 4):
                 t = min(4, n - s)
@@ -224,7 +224,7 @@ def test_expert_union_verify_matches_per_pair_in_the_target(pair):
     for union in (True, False):
         for layer in target.model.layers:
             layer.experts.union = union
-        cache = TargetCache(target.config, batch=4, chunk=8)
+        cache = target.make_cache(batch=4, chunk=8)
         target(mx.array(np.random.default_rng(0).integers(3, 500, (4, 6))), cache)
         outs.append(np.array(target(mx.array(np.random.default_rng(1).integers(3, 500, (4, 5))), cache)[0]))
     for layer in target.model.layers:

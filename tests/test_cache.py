@@ -5,7 +5,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from gemma_mlx.cache import LayerCache, attention_mask
+from gemma_mlx.cache import LinearCache, RingCache, attention_mask
 
 
 def _kv(B, T, start, kv=1, D=2):
@@ -23,7 +23,7 @@ def _stored_positions(cache):
 
 
 def test_linear_cache_holds_positions_in_order_and_grows():
-    c = LayerCache(batch=1)
+    c = LinearCache(batch=1)
     for T in (3, 1, 1, 300):
         c.write(*_kv(1, T, c.lengths))
     assert c.lengths.tolist() == [305]
@@ -35,7 +35,7 @@ def test_linear_cache_holds_positions_in_order_and_grows():
 @pytest.mark.parametrize("chunks", [[5, 1, 1, 1, 4, 1, 6, 1, 1, 2], [6, 6, 6], [1] * 25])
 def test_ring_slot_positions_match_what_was_written(chunks):
     W, chunk = 8, 6
-    c = LayerCache(batch=1, ring_capacity=W + chunk, window=W)
+    c = RingCache(batch=1, capacity=W + chunk, window=W)
     for T in chunks:
         c.write(*_kv(1, T, c.lengths))
         pos = c.positions()[0]
@@ -47,8 +47,8 @@ def test_ring_slot_positions_match_what_was_written(chunks):
 
 def test_ring_rollback_then_rewrite_equals_never_written():
     W, chunk = 8, 5
-    a = LayerCache(batch=1, ring_capacity=W + chunk, window=W)
-    b = LayerCache(batch=1, ring_capacity=W + chunk, window=W)
+    a = RingCache(batch=1, capacity=W + chunk, window=W)
+    b = RingCache(batch=1, capacity=W + chunk, window=W)
     rng = np.random.default_rng(0)
     for _ in range(30):
         a.write(*_kv(1, 1, a.lengths))
@@ -67,17 +67,17 @@ def test_ring_rollback_then_rewrite_equals_never_written():
 
 
 def test_rollback_limits_are_enforced():
-    c = LayerCache(batch=1, ring_capacity=8 + 4, window=8)
+    c = RingCache(batch=1, capacity=8 + 4, window=8)
     c.write(*_kv(1, 4, c.lengths))
     assert c.max_rollback() == 3
     with pytest.raises(ValueError):
         c.rollback(4)
     with pytest.raises(ValueError):
-        LayerCache(batch=1).rollback(1)
+        LinearCache(batch=1).rollback(1)
 
 
 def test_per_row_lengths_write_and_rollback_independently():
-    c = LayerCache(batch=3)
+    c = LinearCache(batch=3)
     c.write(*_kv(3, 4, c.lengths))
     c.rollback(np.array([0, 2, 3]))
     c.write(*_kv(3, 2, c.lengths))
@@ -100,7 +100,7 @@ def test_mask_sliding_window_includes_query_and_excludes_empty_slots():
 
 
 def test_ring_rejects_a_forward_larger_than_its_capacity():
-    c = LayerCache(batch=1, ring_capacity=10, window=8)
+    c = RingCache(batch=1, capacity=10, window=8)
     with pytest.raises(ValueError):
         c.write(*_kv(1, 11, c.lengths))
 
@@ -116,7 +116,7 @@ def test_a_forward_reads_only_the_slots_its_queries_see():
     cfg = SimpleNamespace(sliding_window=W, first_shared_layer=2, layer_types=["sliding_attention", "full_attention"],
                           producer_for=lambda t: 0 if t == "sliding_attention" else 1)
     for B, steps in ((1, [3, 1, 4, 1, 1, 2, 1, 1, 1, 3, 1, 1, 1, 1, 4, 1, 1, 1]), (2, [3, 1, 2, 1, 1, 4, 1, 1, 1])):
-        cache = TargetCache(cfg, batch=B, chunk=chunk)
+        cache = TargetCache.of(cfg, batch=B, chunk=chunk)
         if B == 2:  # rows of different lengths: the second row starts 3 positions later
             for c in cache.layers:
                 c.write(*_kv(B, 3, c.lengths))

@@ -10,7 +10,7 @@ from oracle import hf_drafter_call, hf_embed_scaled, hf_forward, hf_greedy, hf_s
 
 import gemma_mlx  # noqa: F401
 from bench.controlled import ControlledDrafter
-from gemma_mlx.cache import LayerCache
+from gemma_mlx.cache import LinearCache
 from gemma_mlx.models.base import FULL, SLIDING
 from gemma_mlx.models.gemma4_assistant import PairError, check_pair
 from gemma_mlx.sampling import SamplingParams, processed_logits
@@ -87,7 +87,7 @@ class _ReplayCache:
     def __init__(self, kv):
         self.by_type = {}
         for t, (k, v) in kv.items():
-            c = LayerCache(batch=1)
+            c = LinearCache(batch=1)
             c.keys, c.values = mx.array(k), mx.array(v)
             c.lengths = np.array([k.shape[2]])
             self.by_type[t] = c

@@ -153,7 +153,7 @@ class CausalLM(nn.Module):
     def make_cache(self, batch: int = 1, chunk: int = 256) -> TargetCache:
         from ..cache import TargetCache  # the cache imports the layer-type names from here
 
-        return TargetCache(self.config, batch, chunk)
+        return TargetCache.of(self.config, batch, chunk)
 
     def prefill(self, tokens: mx.array, cache: TargetCache):
         """Run a prompt through in chunks of at most `cache.chunk` tokens; returns the last position's

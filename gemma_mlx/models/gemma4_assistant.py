@@ -161,7 +161,7 @@ class Drafter(nn.Module):
     def reads(self, cache: TargetCache) -> dict:
         """K/V each drafter layer type attends to: the target's last producer of that type, whole buffers, in
         place."""
-        return {t: cache.producer(t).view(whole=True) for t in self.layer_types}
+        return {t: cache.producer(t).buffer() for t in self.layer_types}
 
     def masks(self, cache: TargetCache) -> dict:
         """Clean view of the accepted prefix over the slots `reads` gives: full layers see positions ≤ L−2
@@ -169,7 +169,7 @@ class Drafter(nn.Module):
         window)."""
         last = cache.lengths - 1  # position L−2 of each row
         window = {SLIDING: self.config.text.sliding_window + 1, FULL: None}
-        return {t: attention_mask(last, 1, cache.producer(t).positions(whole=True), window[t])
+        return {t: attention_mask(last, 1, cache.producer(t).buffer_positions(), window[t])
                 for t in self.layer_types}
 
     @property
