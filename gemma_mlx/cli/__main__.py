@@ -1,0 +1,5 @@
+"""python -m gemma_mlx.cli"""
+
+from . import main
+
+main()

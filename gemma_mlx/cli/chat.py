@@ -1,0 +1,147 @@
+"""`gemma-mlx chat`: the terminal chat (streaming, multi-turn cache reuse, slash commands, Ctrl-C)."""
+
+from __future__ import annotations
+
+import signal
+from typing import Optional
+
+import typer
+
+from . import (
+    DEFAULT_MODEL,
+    UserError,
+    app,
+    check_sampling,
+    demo_engine,
+    load_engine,
+    out,
+    parse_draft,
+    stats_table,
+    status_line,
+    user_errors,
+)
+
+HELP = """commands:
+  /reset            forget the conversation
+  /stats            acceptance per draft position of the last reply
+  /draft on|off|N|auto   drafting: auto (default), off (plain decoding) or a fixed K
+  /system TEXT      set the system prompt (resets the conversation)
+  /help             this help
+  /exit             quit (Ctrl-D works too; Ctrl-C stops a reply)"""
+
+
+class CtrlC:
+    """Ctrl-C in the chat: a KeyboardInterrupt at once (it stops a prefill, or the line being typed), and a request
+    the reply loop also checks after each piece. Python drops a KeyboardInterrupt raised while a finalizer runs
+    (printing "Exception ignored in"); the request is not dropped with it. Installed even when the parent process
+    started us with SIGINT ignored (Python then keeps it so)."""
+
+    def __init__(self):
+        self.pressed = False
+        signal.signal(signal.SIGINT, self.handler)
+
+    def handler(self, signum, frame):
+        self.pressed = True
+        raise KeyboardInterrupt
+
+
+def stream_reply(engine, messages: list, ctrl_c: CtrlC, **kwargs):
+    """Print a reply as it streams; (text, stats of the last piece or None). Ctrl-C stops it, keeping the text."""
+    import gemma_mlx
+
+    ctrl_c.pressed = False
+    reply, stats = "", None
+    try:
+        for piece in gemma_mlx.stream_generate(engine, messages, **kwargs):
+            out.print(piece.text, end="")
+            reply += piece.text
+            stats = piece.stats
+            if ctrl_c.pressed:  # its KeyboardInterrupt was dropped on the way
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        out.print("[dim] \\[stopped][/dim]", end="")
+    out.print()
+    return reply, stats
+
+
+@app.command()
+@user_errors
+def chat(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Target dir or hub id \\[default: {DEFAULT_MODEL}]."),
+    drafter: Optional[str] = typer.Option(None, "--drafter", "-d", help="Drafter dir or hub id, or 'none'. "
+                                          "Default: the target's known assistant."),
+    draft_tokens: str = typer.Option("auto", "--draft-tokens", "-k", help="Drafted tokens per round: N or auto."),
+    temp: float = typer.Option(0.0, "--temp", help="Sampling temperature (0 = greedy)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold."),
+    max_tokens: int = typer.Option(1024, "--max-tokens", help="Longest reply, in tokens."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+    demo: bool = typer.Option(False, "--demo", help="Chat with the demo pair (Gemma 3 270M + its distilled "
+                              "drafter; `make demo` installs it)."),
+):
+    """Chat in the terminal, with streaming, multi-turn prompt-cache reuse and a speed line after each reply.
+
+    Example: gemma-mlx chat --model models/e2b --drafter models/e2b-assistant --temp 0.7"""
+    draft = parse_draft(draft_tokens)
+    check_sampling(temp, top_p, max_tokens)
+    engine = demo_engine(model, drafter) if demo else load_engine(model, drafter)
+    if not getattr(engine.tokenizer, "chat_template", None):
+        raise UserError("this checkpoint has no chat template, so it cannot chat: use `gemma-mlx generate --raw`")
+    ctrl_c = CtrlC()
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    messages = [{"role": "system", "content": system}] if system else []
+    last = None
+    out.print("[dim]Type a message; /help for commands, Ctrl-D to quit.[/dim]")
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            out.print()
+            return
+        except KeyboardInterrupt:
+            out.print()
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            command, _, arg = text.partition(" ")
+            if command in ("/exit", "/quit"):
+                return
+            if command == "/help":
+                out.print(HELP)
+            elif command == "/reset":
+                messages = [m for m in messages if m["role"] == "system"]
+                engine.session.reset()
+                out.print("[dim]conversation reset[/dim]")
+            elif command == "/stats":
+                out.print(stats_table(last) if last and last.drafted_tokens else "[dim]no drafting yet[/dim]")
+                if last:
+                    out.print(f"[dim]{status_line(last)}[/dim]")
+            elif command == "/draft":
+                arg = arg.strip().lower()
+                if engine.drafter is None and arg not in ("off", "0"):
+                    out.print("[yellow]no drafter loaded: plain decoding[/yellow]")
+                    continue
+                try:
+                    draft = {"on": "auto", "off": 0}.get(arg) if arg in ("on", "off") else parse_draft(arg)
+                except UserError as e:
+                    out.print(f"[red]{e}[/red]")
+                    continue
+                out.print(f"[dim]drafting: {draft if draft != 0 else 'off'}[/dim]")
+            elif command == "/system":
+                messages = [{"role": "system", "content": arg.strip()}] if arg.strip() else []
+                engine.session.reset()
+                out.print("[dim]system prompt set; conversation reset[/dim]")
+            else:
+                out.print(f"[red]unknown command {command}[/red] (/help lists them)")
+            continue
+        messages.append({"role": "user", "content": text})
+        reply, stats = stream_reply(engine, messages, ctrl_c, max_tokens=max_tokens, temperature=temp, top_p=top_p,
+                                    draft_tokens=draft)
+        last = stats or last
+        messages.append({"role": "assistant", "content": reply})
+        if last:
+            out.print(f"[dim]{status_line(last)}[/dim]")

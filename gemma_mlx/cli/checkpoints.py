@@ -1,0 +1,96 @@
+"""`gemma-mlx convert` and `gemma-mlx info`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from . import UserError, app, err, out, slow_on_cpu, user_errors
+
+
+@app.command()
+@user_errors
+def convert(
+    src: str = typer.Argument(..., metavar="SRC", help="A Hugging Face checkpoint (a local dir or a hub id), a Gemma 3 "
+                              ".gguf file, or an MLX dir to re-quantize."),
+    out_dir: Path = typer.Argument(..., metavar="OUT", help="Where to write the MLX checkpoint."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 \\[default: the backend's fast "
+                                        "one: fp32 on MLX's CPU backend, bf16 on Metal and CUDA]."),
+    quantize: Optional[int] = typer.Option(None, "--quantize", "-q", help="4 or 8 bits."),
+    group_size: int = typer.Option(64, "--group-size", help="Quantization group size: 32, 64 or 128."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+):
+    """Convert a Gemma 4 target or its assistant (or a Gemma 3 GGUF) to MLX: streams tensor by tensor, writes a temp
+    dir renamed when complete.
+
+    Example: gemma-mlx convert google/gemma-4-e2b-it models/e2b"""
+    from ..convert import convert as run
+    from ..convert import default_dtype
+
+    path = run(src, out_dir, dtype=dtype, quantize=quantize, group_size=group_size, force=force)
+    err.print(f"[green]wrote[/green] {path}")
+    note = slow_on_cpu(dtype or default_dtype(), quantize)
+    if note:
+        err.print(f"[dim]note: {note}[/dim]")
+
+
+# --- info -----------------------------------------------------------------------------------------------------
+
+
+@app.command()
+@user_errors
+def info(
+    model: str = typer.Argument(..., help="A model dir or hub id (target or drafter)."),
+    drafter: Optional[str] = typer.Option(None, "--drafter", "-d", help="Check whether this drafter fits the target."),
+):
+    """Architecture, size, dtype/quantization, memory estimate; with --drafter, whether the pair matches.
+
+    Example: gemma-mlx info models/e2b --drafter models/e2b-assistant"""
+    from ..loader import describe
+    from ..models.gemma4_assistant import PairError, check_pair
+
+    m = describe(model)  # config and weight headers (a GGUF's metadata): nothing converted or loaded
+    cfg = m.config.text if m.is_drafter else m.config
+    q = m.raw.get("quantization")
+    table = Table(show_header=False, show_edge=False)
+    table.add_row("model", f"{m.raw.get('model_type')} ({'drafter' if m.is_drafter else 'target'}) {m.path}")
+    kinds = {t: cfg.layer_types.count(t) for t in ("sliding_attention", "full_attention")}
+    table.add_row("layers", f"{cfg.num_hidden_layers} ({kinds['sliding_attention']} sliding, "
+                            f"{kinds['full_attention']} full), window {cfg.sliding_window}")
+    table.add_row("hidden / heads", f"{cfg.hidden_size} / {cfg.num_attention_heads} q, {cfg.num_key_value_heads} kv; "
+                                    f"head dim {cfg.head_dim} sliding, {cfg.global_head_dim} full")
+    features = [f for f, on in (("PLE", cfg.hidden_size_per_layer_input), ("MoE", cfg.enable_moe_block),
+                                ("k_eq_v", cfg.attention_k_eq_v)) if on]
+    if cfg.num_kv_shared_layers and not m.is_drafter:
+        features.append(f"{cfg.num_kv_shared_layers} kv-shared layers")
+    table.add_row("features", ", ".join(features) or "-")
+    table.add_row("parameters", f"{m.parameters / 1e6:.1f} M")
+    dtypes = ", ".join(t.lower().replace("u32", "uint32") for t in m.dtypes)
+    table.add_row("dtype", dtypes + (f"; {q['bits']}-bit, group {q['group_size']}" if q else "") +
+                  ("; converted to fp32/bf16 when loaded" if m.path.suffix == ".gguf" else ""))
+    table.add_row("weights", f"{m.nbytes / 2**30:.2f} GiB")
+    if not m.is_drafter:
+        table.add_row("KV per 1k tokens", f"{kv_bytes_per_token(cfg, 2) * 1000 / 2**20:.1f} MiB (bf16)")
+    out.print(table)
+    if drafter:
+        if m.is_drafter:
+            raise UserError(f"{model} is a drafter; pass the target first")
+        d = describe(drafter)
+        if not d.is_drafter:
+            raise UserError(f"{drafter} is not a drafter (gemma4_assistant)")
+        try:
+            check_pair(m.config, d.config)
+        except PairError as e:
+            out.print(f"[red]pair does not match:[/red] {e}")
+            raise typer.Exit(1)
+        out.print(f"[green]pair matches[/green]: drafter {d.config.text.num_hidden_layers} layers, hidden "
+                  f"{d.config.text.hidden_size}, {'centroid' if d.config.use_ordered_embeddings else 'dense'} head")
+
+
+def kv_bytes_per_token(cfg, itemsize: int) -> int:
+    """Full layers grow per token; sliding rings are bounded (counted at their window)."""
+    per_layer = [2 * cfg.layer_kv_heads(i) * cfg.layer_head_dim(i) * itemsize for i in range(cfg.first_shared_layer)]
+    return sum(b for i, b in enumerate(per_layer) if cfg.layer_types[i] == "full_attention")
