@@ -257,7 +257,7 @@ def test_resume_continues_from_the_checkpoint(mlx_dir, tmp_path, monkeypatch):
     def no_generation(*a, **k):
         raise AssertionError("resume regenerated the data")
 
-    monkeypatch.setattr(D, "generate_batch_sequences", no_generation)
+    monkeypatch.setattr(D.data, "generate_batch_sequences", no_generation)
     seen = StopAt()
     result = D.distill(D.Options(target=str(target), out=str(out), steps=30, resume=True,
                                  **{k: v for k, v in opts.items() if k not in D.Options.ARCH}), seen)
@@ -425,7 +425,7 @@ def test_generation_continues_corpus_openings_too(mlx_dir, text_dir, tmp_path, m
     assert all(len(o) == D.PREFIX and o[0] == bos and prepared.engine.tokenizer.decode(o[1:]) in text
                for o in openings)
     seen = []
-    monkeypatch.setattr(D, "generate_batch_sequences", lambda engine, ids, *a, **k: seen.append(ids) or [])
+    monkeypatch.setattr(D.data, "generate_batch_sequences", lambda engine, ids, *a, **k: seen.append(ids) or [])
     (tmp_path / "w").mkdir()
     D.collect_generated(prepared, tmp_path / "w", dict(gen_batches=0, data_batches=0, data_positions=0), None,
                         D.Reporter())
