@@ -26,7 +26,7 @@ import numpy as np
 
 from gemma_mlx import _blas
 from gemma_mlx.batch import BatchDecoder
-from gemma_mlx.speculative import DraftLength
+from gemma_mlx.draft_length import DraftLength
 
 from .controlled import ControlledDrafter
 from .run import pair, pyplot

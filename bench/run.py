@@ -30,7 +30,8 @@ import gemma_mlx  # noqa: F401  (OpenBLAS before mlx)
 from gemma_mlx import _blas
 from gemma_mlx.models.gemma4_assistant import Drafter, DrafterConfig
 from gemma_mlx.models.gemma4_text import Target, TextConfig
-from gemma_mlx.speculative import K_MAX, DraftLength, Session, Stats, generate_tokens
+from gemma_mlx.draft_length import K_MAX, DraftLength
+from gemma_mlx.speculative import Session, Stats, generate_tokens
 
 from .controlled import ControlledDrafter
 from .quiet import mark, others_since, wait_quiet

@@ -29,7 +29,8 @@ import mlx.core as mx
 from .models.gemma4_assistant import Drafter
 from .models.gemma4_text import Target
 from .sampling import SamplingParams, verify_choices
-from .speculative import DraftLength, Round, Stats
+from .draft_length import DraftLength
+from .speculative import Round, Stats
 from .stops import TextStream
 
 

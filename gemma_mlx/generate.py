@@ -17,7 +17,8 @@ from .loader import LoadError, load_drafter, load_target
 from .models.gemma4_assistant import Drafter, PairError
 from .models.gemma4_text import Target
 from .sampling import SamplingParams
-from .speculative import DraftLength, Session, Stats, generate_tokens
+from .draft_length import DraftLength
+from .speculative import Session, Stats, generate_tokens
 from .stops import TextStream
 
 

@@ -17,7 +17,8 @@ from gemma_mlx.cache import TargetCache
 from gemma_mlx.models.gemma4_text import TextConfig
 from gemma_mlx.models.moe import Experts
 from gemma_mlx.sampling import SamplingParams
-from gemma_mlx.speculative import DraftLength, Stats
+from gemma_mlx.draft_length import DraftLength
+from gemma_mlx.speculative import Stats
 
 W = 8  # sliding window of the oracle models
 LENGTHS = [3, 17, 6, 25, 9, 12, 30, 4]  # prompt lengths, some longer than the window

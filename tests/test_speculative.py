@@ -14,7 +14,8 @@ from gemma_mlx.cache import LinearCache
 from gemma_mlx.models.base import FULL, SLIDING
 from gemma_mlx.models.gemma4_assistant import PairError, check_pair
 from gemma_mlx.sampling import SamplingParams, processed_logits
-from gemma_mlx.speculative import DraftLength, Session, generate_tokens
+from gemma_mlx.draft_length import DraftLength
+from gemma_mlx.speculative import Session, generate_tokens
 
 W = 8  # sliding window of the oracle models
 VARIANTS = ["plain", "nosoftcap", "kvshared", "ple", "moe", "keqv", "e2blike", "mm", "unified"]
