@@ -27,6 +27,7 @@ import numpy as np
 from gemma_mlx import _blas
 from gemma_mlx.batch import BatchDecoder
 from gemma_mlx.draft_length import DraftLength
+from gemma_mlx.models.moe import Experts
 
 from .controlled import ControlledDrafter
 from .run import pair, pyplot
@@ -72,10 +73,17 @@ def decode(target, drafter, prompts, n_new, references=None, seed=0):
     return [r.tokens for r in rows], sum(len(r.tokens) - 1 for r in rows) / seconds, rows  # first token: prefill
 
 
+class PerPairExperts(Experts):
+    """mlx-lm's per-pair path (one product per token and expert), what the expert-union path is compared with."""
+
+    def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+        return (self.switch_glu(x, indices) * weights[..., None]).sum(-2)
+
+
 def set_union(target, on: bool):
     for layer in target.model.layers:
         if layer.enable_moe:
-            layer.experts.union = on
+            layer.experts.__class__ = Experts if on else PerPairExperts
 
 
 def verify_costs(target, batch: int, k: int, reps: int):

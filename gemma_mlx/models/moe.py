@@ -32,14 +32,13 @@ class Experts(nn.Module):
         super().__init__()
         self.switch_glu = SwitchGLU(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts,
                                     activation=GeGLU(), bias=False)
-        self.union = True  # False: mlx-lm's per-pair path (where it runs; for the bench's comparison)
 
     def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
         """x [..., H], indices/weights [..., top_k] -> [..., H]."""
         tokens = int(np.prod(x.shape[:-1]))
         on_cpu, quantized = mx.default_device() == mx.cpu, "scales" in self.switch_glu.up_proj
         half_on_cpu = on_cpu and not quantized and self.switch_glu.up_proj.weight.dtype != mx.float32
-        if half_on_cpu or (self.union and tokens > 1 and not (on_cpu and quantized)):
+        if half_on_cpu or (tokens > 1 and not (on_cpu and quantized)):
             return self._grouped(x, indices, weights, matmul=half_on_cpu)
         return (self.switch_glu(x, indices) * weights[..., None]).sum(-2)
 
