@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from dataclasses import dataclass
 from typing import Optional
 
 import typer
@@ -91,57 +92,80 @@ def chat(
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    messages = [{"role": "system", "content": system}] if system else []
-    last = None
+    conv = Conversation(engine, [{"role": "system", "content": system}] if system else [], draft)
     out.print("[dim]Type a message; /help for commands, Ctrl-D to quit.[/dim]")
+    while (text := read_line()) is not None:
+        if text.startswith("/"):
+            if not slash_command(conv, text):
+                return
+            continue
+        conv.messages.append({"role": "user", "content": text})
+        reply, stats = stream_reply(engine, conv.messages, ctrl_c, max_tokens=max_tokens, temperature=temp,
+                                    top_p=top_p, draft_tokens=conv.draft)
+        conv.last = stats or conv.last
+        conv.messages.append({"role": "assistant", "content": reply})
+        if conv.last:
+            out.print(f"[dim]{status_line(conv.last)}[/dim]")
+
+
+@dataclass
+class Conversation:
+    """What the chat loop carries between turns: the engine, the messages so far, the draft setting, the last stats."""
+
+    engine: object
+    messages: list
+    draft: object
+    last: object = None
+
+
+def read_line() -> Optional[str]:
+    """The next non-empty line typed (Ctrl-C clears the line), None at Ctrl-D."""
     while True:
         try:
-            line = input(">>> ")
+            text = input(">>> ").strip()
         except EOFError:
             out.print()
-            return
+            return None
         except KeyboardInterrupt:
             out.print()
             continue
-        text = line.strip()
-        if not text:
-            continue
-        if text.startswith("/"):
-            command, _, arg = text.partition(" ")
-            if command in ("/exit", "/quit"):
-                return
-            if command == "/help":
-                out.print(HELP)
-            elif command == "/reset":
-                messages = [m for m in messages if m["role"] == "system"]
-                engine.session.reset()
-                out.print("[dim]conversation reset[/dim]")
-            elif command == "/stats":
-                out.print(stats_table(last) if last and last.drafted_tokens else "[dim]no drafting yet[/dim]")
-                if last:
-                    out.print(f"[dim]{status_line(last)}[/dim]")
-            elif command == "/draft":
-                arg = arg.strip().lower()
-                if engine.drafter is None and arg not in ("off", "0"):
-                    out.print("[yellow]no drafter loaded: plain decoding[/yellow]")
-                    continue
-                try:
-                    draft = {"on": "auto", "off": 0}.get(arg) if arg in ("on", "off") else parse_draft(arg)
-                except UserError as e:
-                    out.print(f"[red]{e}[/red]")
-                    continue
-                out.print(f"[dim]drafting: {draft if draft != 0 else 'off'}[/dim]")
-            elif command == "/system":
-                messages = [{"role": "system", "content": arg.strip()}] if arg.strip() else []
-                engine.session.reset()
-                out.print("[dim]system prompt set; conversation reset[/dim]")
-            else:
-                out.print(f"[red]unknown command {command}[/red] (/help lists them)")
-            continue
-        messages.append({"role": "user", "content": text})
-        reply, stats = stream_reply(engine, messages, ctrl_c, max_tokens=max_tokens, temperature=temp, top_p=top_p,
-                                    draft_tokens=draft)
-        last = stats or last
-        messages.append({"role": "assistant", "content": reply})
+        if text:
+            return text
+
+
+def slash_command(conv: Conversation, text: str) -> bool:
+    """Run a /command; False when it ends the chat."""
+    command, _, arg = text.partition(" ")
+    arg = arg.strip()
+    if command in ("/exit", "/quit"):
+        return False
+    if command == "/help":
+        out.print(HELP)
+    elif command in ("/reset", "/system"):
+        conv.messages = [m for m in conv.messages if m["role"] == "system"] if command == "/reset" else (
+            [{"role": "system", "content": arg}] if arg else [])
+        conv.engine.session.reset()
+        out.print("[dim]conversation reset[/dim]" if command == "/reset" else
+                  "[dim]system prompt set; conversation reset[/dim]")
+    elif command == "/stats":
+        last = conv.last
+        out.print(stats_table(last) if last and last.drafted_tokens else "[dim]no drafting yet[/dim]")
         if last:
             out.print(f"[dim]{status_line(last)}[/dim]")
+    elif command == "/draft":
+        set_draft(conv, arg.lower())
+    else:
+        out.print(f"[red]unknown command {command}[/red] (/help lists them)")
+    return True
+
+
+def set_draft(conv: Conversation, arg: str):
+    if conv.engine.drafter is None and arg not in ("off", "0"):
+        out.print("[yellow]no drafter loaded: plain decoding[/yellow]")
+        return
+    try:
+        conv.draft = {"on": "auto", "off": 0}.get(arg) if arg in ("on", "off") else parse_draft(arg)
+    except UserError as e:
+        out.print(f"[red]{e}[/red]")
+        return
+    out.print(f"[dim]drafting: {conv.draft if conv.draft != 0 else 'off'}[/dim]")
