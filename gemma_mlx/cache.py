@@ -22,7 +22,6 @@ from typing import NamedTuple
 import mlx.core as mx
 import numpy as np
 
-from .models.base import FULL
 
 
 GROW_STEP = 256
@@ -262,25 +261,17 @@ def _put_slots(buffer: mx.array, slots: np.ndarray, new: mx.array) -> mx.array:
 
 class TargetCache:
     """The caches of all producer layers of a target (consumer layers own none), built from the layer specs the
-    model hands over (`CausalLM.make_cache`): each producer layer's type, the sliding window, and which layer the
-    drafter reads for each type.
+    model hands over (`models.base.cache_for`): whether each producer layer slides, the sliding window, and which
+    layer the drafter reads for each layer type.
 
     `layers[i]` is the cache of producer layer i. `chunk` is the most tokens one forward may write; the sliding
     rings have capacity `window + chunk`.
     """
 
-    def __init__(self, layer_types: list[str], window: int, producers: dict[str, int], batch: int = 1,
-                 chunk: int = 256):
+    def __init__(self, sliding: list[bool], window: int, producers: dict[str, int], batch: int = 1, chunk: int = 256):
         self.chunk, self.window, self.producers = chunk, window, producers
-        self.layers: list[LayerCache] = [LinearCache(batch) if t == FULL else RingCache(batch, window + chunk, window)
-                                         for t in layer_types]
-
-    @classmethod
-    def of(cls, config, batch: int = 1, chunk: int = 256) -> "TargetCache":
-        """The cache for a model config (Gemma 4's or Gemma 3's: layer_types, first_shared_layer, sliding_window,
-        producer_for)."""
-        types = config.layer_types[: config.first_shared_layer]
-        return cls(types, config.sliding_window, {t: config.producer_for(t) for t in set(types)}, batch, chunk)
+        self.layers: list[LayerCache] = [RingCache(batch, window + chunk, window) if ring else LinearCache(batch)
+                                         for ring in sliding]
 
     @property
     def lengths(self) -> np.ndarray:

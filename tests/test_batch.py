@@ -13,7 +13,7 @@ from oracle import hf_greedy
 import gemma_mlx
 from bench.controlled import ControlledDrafter
 from gemma_mlx.batch import BatchDecoder
-from gemma_mlx.cache import TargetCache
+from gemma_mlx.models.base import cache_for
 from gemma_mlx.models.gemma4_text import TextConfig
 from gemma_mlx.models.moe import Experts
 from gemma_mlx.sampling import SamplingParams
@@ -156,9 +156,9 @@ def test_padded_and_rejected_slots_are_never_attended(pair, hf_dir):
 def test_cache_row_operations():
     cfg = TextConfig.from_dict(dict(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"],
                                     sliding_window=4, hidden_size_per_layer_input=0))
-    cache = TargetCache.of(cfg, batch=0, chunk=4)
+    cache = cache_for(cfg, batch=0, chunk=4)
     for n in (3, 300, 9):
-        one = TargetCache.of(cfg, batch=1, chunk=4)
+        one = cache_for(cfg, batch=1, chunk=4)
         for layer in one.layers:
             for s in range(0, n, 4):
                 t = min(4, n - s)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from gemma_mlx.cache import LinearCache, RingCache, attention_mask
+from gemma_mlx.models.base import cache_for
 
 
 def _kv(B, T, start, kv=1, D=2):
@@ -116,7 +117,7 @@ def test_a_forward_reads_only_the_slots_its_queries_see():
     cfg = SimpleNamespace(sliding_window=W, first_shared_layer=2, layer_types=["sliding_attention", "full_attention"],
                           producer_for=lambda t: 0 if t == "sliding_attention" else 1)
     for B, steps in ((1, [3, 1, 4, 1, 1, 2, 1, 1, 1, 3, 1, 1, 1, 1, 4, 1, 1, 1]), (2, [3, 1, 2, 1, 1, 4, 1, 1, 1])):
-        cache = TargetCache.of(cfg, batch=B, chunk=chunk)
+        cache = cache_for(cfg, batch=B, chunk=chunk)
         if B == 2:  # rows of different lengths: the second row starts 3 positions later
             for c in cache.layers:
                 c.write(*_kv(B, 3, c.lengths))

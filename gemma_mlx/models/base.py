@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import TYPE_CHECKING
-
 import mlx.core as mx
 import mlx.nn as nn
 
-if TYPE_CHECKING:
-    from ..cache import TargetCache
+from ..cache import TargetCache
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -134,6 +131,14 @@ class MLP(nn.Module):
         return self.down_proj(geglu(self.gate_proj(x), self.up_proj(x)))
 
 
+def cache_for(config, batch: int = 1, chunk: int = 256) -> TargetCache:
+    """The target cache of a config (Gemma 4's or Gemma 3's: layer_types, first_shared_layer, sliding_window,
+    producer_for): one layer cache per producer layer."""
+    types = config.layer_types[: config.first_shared_layer]
+    producers = {t: config.producer_for(t) for t in set(types)}
+    return TargetCache([t != FULL for t in types], config.sliding_window, producers, batch, chunk)
+
+
 class CausalLM(nn.Module):
     """What the engine needs from a target family (gemma4_text.py, gemma3_text.py): `(logits, final-norm
     hidden) = target(tokens, cache)`, its cache and chunked prefill. Subclasses set `config`, `model` (with
@@ -151,9 +156,7 @@ class CausalLM(nn.Module):
         return out if cap is None else softcap(out, cap)
 
     def make_cache(self, batch: int = 1, chunk: int = 256) -> TargetCache:
-        from ..cache import TargetCache  # the cache imports the layer-type names from here
-
-        return TargetCache.of(self.config, batch, chunk)
+        return cache_for(self.config, batch, chunk)
 
     def prefill(self, tokens: mx.array, cache: TargetCache):
         """Run a prompt through in chunks of at most `cache.chunk` tokens; returns the last position's
