@@ -6,6 +6,7 @@ output stays token-identical; the training forward is the runtime drafter's comp
 resumes from its checkpoint; bad input is one line and exit code 1."""
 
 import json
+import time
 
 import mlx.core as mx
 import numpy as np
@@ -245,6 +246,20 @@ class StopAt(D.Reporter):
             raise KeyboardInterrupt
 
 
+class Clock:
+    """time, but a perf_counter that advances 10 ms at each reading: deadlines in steps, not in machine speed."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        self.now += 0.01
+        return self.now
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
 def test_resume_continues_from_the_checkpoint(mlx_dir, tmp_path, monkeypatch):
     target, out = mlx_dir("plain-calm"), tmp_path / "drafter"
     opts = dict(TINY, samples=8, eval_tokens=8, checkpoint_every=0.0)
@@ -262,7 +277,11 @@ def test_resume_continues_from_the_checkpoint(mlx_dir, tmp_path, monkeypatch):
     result = D.distill(D.Options(target=str(target), out=str(out), steps=30, resume=True,
                                  **{k: v for k, v in opts.items() if k not in D.Options.ARCH}), seen)
     assert seen.started_at == 11 and result["steps"] == 30 and (out / "config.json").exists()
-    # a time budget ends training in time and still saves (resumed again: the data is there)
+    # a time budget ends training in time and still saves (resumed again: the data is there), on a clock that a
+    # busy machine cannot slow down: every reading advances it by 10 ms
+    clock = Clock()
+    monkeypatch.setattr(D.run, "time", clock)
+    monkeypatch.setattr(D.data, "time", clock)
     result = D.distill(D.Options(target=str(target), out=str(out), time_budget=0.1, resume=True,
                                  **{k: v for k, v in opts.items() if k not in D.Options.ARCH}))
     assert result["steps"] > 30 and json.loads((out / "acceptance.json").read_text())["steps"] == result["steps"]
