@@ -207,7 +207,7 @@ def test_help_shows_no_type_noise_and_every_default():
     assert "[default: 300000]" in runner.invoke(app, ["distill", "--help"], env={"COLUMNS": "200"}).output
 
 
-def test_the_default_dtype_is_the_backends_fast_one_and_a_slow_choice_says_so(hf_dir, tmp_path):
+def test_the_default_dtype_is_the_backends_fast_one_and_a_slow_choice_says_so(hf_dir, hf_drafter_dir, tmp_path):
     import mlx.core as mx
 
     from gemma_mlx.convert import default_dtype
@@ -228,3 +228,5 @@ def test_the_default_dtype_is_the_backends_fast_one_and_a_slow_choice_says_so(hf
     assert result.exit_code == 0 and result.output.count("note: bf16 weights") == 1, result.output
     result = runner.invoke(app, ["convert", str(hf_dir("plain")), str(tmp_path / "q4"), "-q", "4"])
     assert result.output.count("note: 4-bit weights") == 1, result.output
+    result = runner.invoke(app, ["convert", str(hf_drafter_dir("plain", True)), str(tmp_path / "d4"), "-q", "4"])
+    assert result.exit_code == 0 and "note:" not in result.output, result.output  # a drafter is 4-bit by design

@@ -29,11 +29,13 @@ def convert(
     Example: gemma-mlx convert google/gemma-4-e2b-it models/e2b"""
     from ..convert import convert as run
     from ..convert import default_dtype
+    from ..loader import read_config
+    from ..models import model_kind
 
     path = run(src, out_dir, dtype=dtype, quantize=quantize, group_size=group_size, force=force)
     err.print(f"[green]wrote[/green] {path}")
-    note = slow_on_cpu(dtype or default_dtype(), quantize)
-    if note:
+    note = slow_on_cpu(dtype or default_dtype(), quantize) if model_kind(read_config(path)) == "target" else None
+    if note:  # a target's weights are what a decode step streams; a drafter's are a few percent of them
         err.print(f"[dim]note: {note}[/dim]")
 
 
