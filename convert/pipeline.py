@@ -35,8 +35,8 @@ def default_dtype() -> str:
 def convert(src, out, dtype: str | None = None, quantize: int | None = None, group_size: int = 64,
             force: bool = False, progress: bool = True) -> Path:
     """Convert a Hugging Face Gemma 4 target or assistant (local dir or hub id), or a Gemma 3 GGUF file, into an MLX
-    dir at `out` (bf16/fp16/fp32 floats, by default `default_dtype()`, optionally 4/8-bit affine quantized with group size 32/64/128); an MLX
-    checkpoint only when re-quantizing it. Returns `out`."""
+    dir at `out` (bf16/fp16/fp32 floats, by default `default_dtype()`, optionally 4/8-bit affine quantized with group
+    size 32/64/128); an MLX checkpoint only when re-quantizing it. Returns `out`."""
     from .gguf import GGUFError, convert_gguf
 
     dtype = dtype or default_dtype()

@@ -71,13 +71,14 @@ def resolve(source: str | Path, dtype: str | None = None, progress: bool = True)
     return out
 
 
-def check_weights(path: Path):
+def check_weights(path: Path) -> dict:
     """Every weight file's header parsed and its byte ranges checked against the file's size (headers only): a
-    truncated download or a damaged file is one line here, not a failure deep inside the load."""
+    truncated download or a damaged file is one line here, not a failure deep inside the load. Returns the
+    checkpoint's tensor -> file map (`open_checkpoint`)."""
     if not (path / "config.json").exists():
-        return  # read_config says so
+        return {}  # read_config says so
     try:
-        open_checkpoint(path)
+        return open_checkpoint(path)
     except SafetensorsError as e:
         raise LoadError(f"{path}: {e}: re-download or re-convert it") from None
 
@@ -113,12 +114,11 @@ def describe(source: str | Path) -> Description:
             if not path.is_dir():
                 path = resolve_source(str(source), progress=True)
             raw = read_config(path)
-            check_weights(path)
             bits = (raw.get("quantization") or {}).get("bits")
             tensors = [(f.dtype(k), _elements(k, f.shape(k), f.dtype(k), bits),
                         f.entries[k]["data_offsets"][1] - f.entries[k]["data_offsets"][0])
-                       for k, f in open_checkpoint(path).items()]
-        config = _classes(raw)[1].from_dict(raw)
+                       for k, f in check_weights(path).items()]
+        config = family(raw).config_of(raw)
     except (ConfigError, GGUFError, SourceError, ConvertError) as e:
         raise LoadError(f"{source}: {e}") from None
     return Description(path, raw, config, sum(n for _, n, _ in tensors), sum(b for _, _, b in tensors),

@@ -9,7 +9,6 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .. import corpus as corpus_text
 from .options import (GENERATION_BATCH, GENERATION_SHARE, PREFIX, WINDOW, DistillError, Prepared, Reporter,
                       _save_arrays, _write_json)
 
@@ -70,11 +69,11 @@ def encode_prompts(engine, prompts: list[str], chat: bool = True) -> list[list[i
 
 def corpus_prompts(run: "Prepared") -> list[list[int]]:
     """Openings of corpus windows (their first PREFIX tokens) for the target to continue: as many varied prompts as
-    generated sequences, in the corpus's registers (none without a corpus)."""
+    generated sequences, in the corpus's registers (none without a corpus), from the end of the shuffled windows,
+    which the corpus phase reaches last."""
     if not run.documents:
         return []
-    wins = corpus_text.windows(run.engine.encode, run.documents, WINDOW, run.opts.seed + 1)
-    return [w[:PREFIX] for w in wins[: run.opts.samples]]
+    return [w[:PREFIX] for w in run.windows[::-1][: run.opts.samples]]
 
 
 def training_prompts(engine, prompts: list[str]) -> list[list[int]]:
@@ -153,6 +152,8 @@ def collect_generated(run: Prepared, work: Path, state: dict, deadline, report: 
     total = -(-opts.samples // gen_size)
     if state["gen_batches"] >= total:
         return
+    if run.documents:
+        report.phase("reading the corpus")  # its windows' openings are prompts too
     prompt_ids = training_prompts(engine, run.train_prompts) + corpus_prompts(run)
     report.phase("generating the target's own text (greedy and sampled), teacher-forced", total=total)
     report.advance(state["gen_batches"])
@@ -181,7 +182,7 @@ def collect_corpus(run: Prepared, work: Path, state: dict, deadline, report: Rep
     if done >= opts.corpus_tokens:
         return
     report.phase("reading the corpus")
-    wins = corpus_text.windows(engine.encode, run.documents, WINDOW, opts.seed)
+    wins = run.windows
     state.setdefault("corpus_windows", 0)
     report.phase(f"teacher-forcing the corpus ({len(wins)} windows of <= {WINDOW} tokens)", total=opts.corpus_tokens)
     report.advance(done)

@@ -3,6 +3,7 @@ and the work dir's files."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -10,6 +11,8 @@ from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
+
+from .. import corpus as corpus_text
 
 # Prompts the target continues to make training data (varied registers; none on the demo's or the held-out prompts'
 # topics), and held-out ones for acceptance.
@@ -151,3 +154,8 @@ class Prepared:
     eval_prompts: list
     documents: list  # the corpus's documents ([] without --corpus)
     started: float
+
+    @functools.cached_property
+    def windows(self) -> list[list[int]]:
+        """The corpus tokenized and cut into windows, shuffled with the seed (the same order on a resume); once."""
+        return corpus_text.windows(self.engine.encode, self.documents, WINDOW, self.opts.seed)

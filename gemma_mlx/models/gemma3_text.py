@@ -292,7 +292,7 @@ class Gemma3Target(CausalLM):
 
     @classmethod
     def from_config_dict(cls, raw: dict) -> "Gemma3Target":
-        return cls(Gemma3Config.from_dict(gemma3_text_config_of(raw)))
+        return cls(config_of(raw))
 
 
 Model = Gemma3Target

@@ -189,7 +189,7 @@ class Drafter(nn.Module):
 
     @classmethod
     def from_config_dict(cls, raw: dict) -> "Drafter":
-        return cls(DrafterConfig.from_dict(raw))
+        return cls(config_of(raw))
 
 
 class PairError(ValueError):

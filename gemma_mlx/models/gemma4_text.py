@@ -323,7 +323,7 @@ class Target(CausalLM):
 
     @classmethod
     def from_config_dict(cls, raw: dict) -> "Target":
-        return cls(TextConfig.from_dict(text_config_of(raw)))
+        return cls(config_of(raw))
 
 
 Model = Target
