@@ -131,21 +131,59 @@ def _weight_first_matmuls(*arrays) -> int:
 
 
 @pytest.mark.parametrize("variant", ["plain", "ple"])
-def test_a_verify_of_a_few_tokens_streams_each_weight_once(variant, mlx_target):
-    """BLAS sgemm of a few rows against a large weight repacks the weight each call (on the CPU backend a 4-token
-    verify through a 262144-row head cost 4x one token): up to SKINNY_ROWS rows every projection and the tied head
-    are computed as W @ x.T, a prefill chunk as x @ W.T."""
-    from gemma_mlx.models.base import SKINNY_ROWS, Linear
+def test_each_projection_takes_the_form_calibration_found_faster(variant, mlx_target, tmp_path, monkeypatch):
+    """A BLAS multiplies a few rows by a large weight faster as x @ W.T on some CPUs and as (W @ x.T).T on others
+    (2.5-4x either way): `calibrate` times both per weight shape and row count, and every projection and the tied
+    head then use the faster; its choice is stored per machine, so a second load measures nothing."""
+    from gemma_mlx.models import matmul
+    from gemma_mlx.models.base import Linear
 
+    monkeypatch.setattr(matmul, "WEIGHT_FIRST", set())
+    monkeypatch.setattr(matmul, "CALIBRATED", set())
     target = mlx_target(variant)
+    weights = target.projection_weights()
     projections = sum(isinstance(m, Linear) for _, m in target.named_modules()) + 1  # + the tied head
+    assert len(weights) == projections
+    timed = []
+
+    def timer(weight, rows, weight_first):  # weight-first wins at 4 rows only
+        timed.append((weight.shape, rows))
+        return 1.0 if weight_first == (rows == 4) else 2.0
+
+    store = tmp_path / "matmul.json"
+    matmul.calibrate(weights, 5, store, timer)
+    assert {r for _, r in timed} == {2, 3, 4, 5} and len(timed) == 2 * 4 * len({(*w.shape, w.dtype) for w in weights})
     cache = target.make_cache(chunk=64)
     target.prefill(mx.array([LONG]), cache)
+    for tokens, expected in (([5, 6, 7, 8], projections), ([5, 6, 7], 0), ([5, 6, 7, 8, 9], 0), ([5], 0)):
+        logits, hidden = target(mx.array([tokens]), cache)
+        assert _weight_first_matmuls(logits, hidden) == expected, tokens
+        mx.eval(logits, hidden, cache.state())
+        cache.rollback(len(tokens))
+    monkeypatch.setattr(matmul, "WEIGHT_FIRST", set())
+    monkeypatch.setattr(matmul, "CALIBRATED", set())
+    matmul.calibrate(weights, 5, store, lambda *a: pytest.fail("measured again"))
     logits, hidden = target(mx.array([[5, 6, 7, 8]]), cache)
     assert _weight_first_matmuls(logits, hidden) == projections
-    cache = target.make_cache(chunk=64)
-    logits, hidden = target(mx.array([[2] + [5] * SKINNY_ROWS]), cache)
-    assert _weight_first_matmuls(logits, hidden) == 0
+
+
+def test_calibration_measures_both_forms_and_keeps_the_faster(tmp_path, monkeypatch):
+    from gemma_mlx.models import matmul
+
+    monkeypatch.setattr(matmul, "WEIGHT_FIRST", set())
+    monkeypatch.setattr(matmul, "CALIBRATED", set())
+    weight = mx.random.normal((512, 64))
+    measured = {}
+
+    def timer(w, rows, weight_first):
+        measured[rows, weight_first] = matmul.seconds(w, rows, weight_first, repeats=1)
+        return measured[rows, weight_first]
+
+    matmul.calibrate([weight], 4, tmp_path / "m.json", timer)
+    for rows in (2, 3, 4):
+        assert ((512, 64, str(weight.dtype), rows) in matmul.WEIGHT_FIRST) == (measured[rows, True] < measured[rows, False])
+        x = mx.random.normal((rows, 64))
+        assert np.allclose(np.array(matmul.linear(x, weight)), np.array(x @ weight.T), atol=1e-4)
 
 
 def test_rational_tanh_is_tanh_to_float32_rounding():

@@ -59,8 +59,9 @@ def distill(
                                                 "training stops in time to measure acceptance and save."),
     draft_steps: Optional[int] = typer.Option(None, "--draft-steps", "-k", help="K chained drafter steps in the "
                                               "loss and the acceptance figure \\[default: 4]."),
-    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompts to continue, one per line (a tenth "
-                                           "held out) \\[default: built-in varied prompts]."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompts to continue, one per line, \\n for a "
+                                           "newline (a tenth, at most 16, held out) \\[default: built-in varied "
+                                           "prompts]."),
     samples: Optional[int] = typer.Option(None, "--samples", help="Sequences the target generates \\[default: 256]."),
     corpus: Optional[list[Path]] = typer.Option(None, "--corpus", help="Text files or directories the target is "
                                                 "teacher-forced over (repeatable) \\[default: none]."),

@@ -19,6 +19,7 @@ from .. import corpus as corpus_text
 _PROMPTS = json.loads((Path(__file__).parent.parent / "distill_prompts.json").read_text())
 TRAIN_PROMPTS, EVAL_PROMPTS = _PROMPTS["train"], _PROMPTS["held_out"]
 WORK_SUFFIX = ".work"
+HELD_OUT_MAX = 16  # held-out prompts measured after every epoch
 DATA_SHARE = 0.45  # of a time budget, at most, for the data (generation + corpus)
 GENERATION_SHARE = 0.35  # of a time budget, at most, for generating the target's own text when there is a corpus
 WINDOW = 256  # tokens per corpus window
@@ -91,16 +92,17 @@ def _save_arrays(path: Path, arrays: dict):
 
 
 def read_prompts(opts: Options) -> tuple[list[str], list[str]]:
-    """(training prompts, held-out prompts): the built-in lists, or a file's lines with its last tenth held out."""
+    """(training prompts, held-out prompts): the built-in lists, or a file's lines (`\\n` in a line stands for a
+    newline) with its last tenth, at most HELD_OUT_MAX, held out."""
     if opts.prompts is None:
         return TRAIN_PROMPTS, EVAL_PROMPTS
     path = Path(opts.prompts)
     if not path.is_file():
         raise DistillError(f"{path}: no such prompts file")
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    lines = [line.replace("\\n", "\n") for line in path.read_text().splitlines() if line.strip()]
     if len(lines) < 2:
         raise DistillError(f"{path}: needs at least 2 prompts (one line each; a tenth are held out)")
-    held = max(1, len(lines) // 10)
+    held = min(max(1, len(lines) // 10), HELD_OUT_MAX)
     return lines[:-held], lines[-held:]
 
 

@@ -1,6 +1,6 @@
-"""What the model families share: the fused ops the CPU backend needs (RMSNorm, RoPE, GELU, the logit softcap, a
-skinny-matmul linear), the layers built on them, `CausalLM` (the interface the engine runs), the layer-type names
-and ConfigError."""
+"""What the model families share: the fused ops the CPU backend needs (RMSNorm, RoPE, GELU, the logit softcap), the
+layers built on them (their projections through matmul.linear), `CausalLM` (the interface the engine runs), the
+layer-type names and ConfigError."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..cache import TargetCache
+from .matmul import linear
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -67,19 +68,6 @@ def geglu(gate: mx.array, x: mx.array) -> mx.array:
 @partial(mx.compile, shapeless=True)
 def softcap(x: mx.array, cap: float) -> mx.array:
     return tanh(x / cap) * cap
-
-
-# BLAS sgemm of a few rows against a large weight (x @ W.T) repacks the weight on every call, so on the CPU backend a
-# verify of K+1 tokens cost nearly K+1 decode steps. As W @ x.T the weight is streamed once (bench/README.md).
-SKINNY_ROWS = 32
-
-
-def linear(x: mx.array, weight: mx.array) -> mx.array:
-    """x @ weight.T; for at most SKINNY_ROWS rows on the CPU backend, computed as (weight @ x.T).T."""
-    rows = x.size // x.shape[-1]
-    if rows > SKINNY_ROWS or mx.default_device() != mx.cpu:
-        return x @ weight.T
-    return (weight @ x.reshape(rows, -1).T).T.reshape(*x.shape[:-1], weight.shape[0])
 
 
 class Linear(nn.Linear):
@@ -157,6 +145,11 @@ class CausalLM(nn.Module):
 
     def make_cache(self, batch: int = 1, chunk: int = 256) -> TargetCache:
         return cache_for(self.config, batch, chunk)
+
+    def projection_weights(self) -> list:
+        """The weights `linear` multiplies (matmul.calibrate): every Linear's and the tied head's."""
+        weights = [m.weight for _, m in self.named_modules() if isinstance(m, Linear)]
+        return weights + ([self.model.embed_tokens.weight] if self.config.tie_word_embeddings else [])
 
     def prefill(self, tokens: mx.array, cache: TargetCache):
         """Run a prompt through in chunks of at most `cache.chunk` tokens; returns the last position's
