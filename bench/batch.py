@@ -25,7 +25,7 @@ import mlx.core as mx
 import numpy as np
 
 from gemma_mlx import _blas
-from gemma_mlx.batch import BatchDecoder
+from gemma_mlx.decode import Decoder
 from gemma_mlx.draft_length import DraftLength
 from gemma_mlx.models.moe import Experts
 
@@ -56,12 +56,12 @@ def build(name: str, seed: int = 0):
     mx.random.seed(seed)
     target, drafter = pair(*target_configs(name))
     mx.eval(target.parameters(), drafter.parameters())
-    return target, drafter.bind(target)
+    return target, drafter
 
 
 def decode(target, drafter, prompts, n_new, references=None, seed=0):
     """Decode all prompts as one batch: (tokens per row, aggregate decode tokens/s, rows). drafter None = plain."""
-    decoder = BatchDecoder(target, None, draft=DraftLength(fixed=0))
+    decoder = Decoder(target, None, draft=DraftLength(fixed=0))
     if drafter is not None:
         decoder.drafter = ControlledDrafter(drafter, lambda: [references[r.id] for r in decoder.rows], ALPHA, seed)
         decoder.draft = DraftLength()

@@ -21,8 +21,8 @@ class ControlledDrafter:
         self.drafter, self.alpha, self.references, self.seed = drafter, alpha, references, seed
         self.coins: dict[int, np.ndarray] = {}  # row -> a uniform number per position
 
-    def draft(self, x, g, cache, k):
-        drafts = self.drafter.draft(x, g, cache, k)
+    def draft(self, target, x, g, cache, k):
+        drafts = self.drafter.draft(target, x, g, cache, k)
         if k == 0:
             return drafts
         # x sits at position lengths[b]; draft j (0-based) guesses position lengths[b] + 1 + j.

@@ -260,7 +260,7 @@ class Ours:
         self.target = load_checkpoint(Path(paths["target_mlx"]))
         self.drafter = None
         if cfg["kind"] != "plain":
-            self.drafter = load_checkpoint(Path(paths["drafter_mlx"])).bind(self.target)
+            self.drafter = load_checkpoint(Path(paths["drafter_mlx"]))
 
     def weights(self):
         return dict(target_bytes=param_bytes(self.target),

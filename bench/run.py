@@ -31,7 +31,8 @@ from gemma_mlx import _blas
 from gemma_mlx.models.gemma4_assistant import Drafter, DrafterConfig
 from gemma_mlx.models.gemma4_text import Target, TextConfig
 from gemma_mlx.draft_length import K_MAX, DraftLength
-from gemma_mlx.speculative import Session, Stats, generate_tokens
+from gemma_mlx.decode import Session, generate_tokens
+from gemma_mlx.speculative import Stats
 
 from .controlled import ControlledDrafter
 from .quiet import mark, others_since, wait_quiet
@@ -141,7 +142,7 @@ def build(shape: str, seed: int = 0):
         perm = np.random.default_rng(seed).permutation(target.config.vocab_size).astype(np.int32)
         drafter.masked_embedding.token_ordering = mx.array(perm)
     mx.eval(target.parameters(), drafter.parameters())
-    return target, drafter.bind(target)
+    return target, drafter
 
 
 def nbytes(module) -> int:
@@ -175,7 +176,7 @@ def step_costs(target, drafter, prompt, ks=range(1, K_MAX + 1), reps=7):
     costs = {"plain": median_seconds([lambda: verify(0)], reps)[0]}
     for k in ks:
         costs[f"draft{k}"], costs[f"verify{k}"] = median_seconds(
-            [lambda: mx.eval(drafter.draft(x, g, cache, k)), lambda: verify(k)], reps)
+            [lambda: mx.eval(drafter.draft(target, x, g, cache, k)), lambda: verify(k)], reps)
     return costs
 
 

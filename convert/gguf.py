@@ -116,19 +116,7 @@ def convert_gguf(gguf_path, out_dir, dtype: str = "bf16", quantize: int | None =
     cfg = Gemma3Config.from_dict(raw)  # ConfigError for what the runtime cannot run
     model = Gemma3Target(cfg)
     expected = expected_params(model)
-    plan = []
-    for name, t in tensors.items():
-        ours = map_name(name)
-        if ours is None or ours not in expected:
-            raise GGUFError(f"unexpected tensor {name} (not part of this Gemma 3 config)")
-        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims innermost first
-        if shape != expected[ours]:
-            raise GGUFError(f"tensor {name} has shape {list(shape)}, the config implies {list(expected[ours])}")
-        plan.append((name, ours))
-    missing = sorted(set(expected) - {ours for _, ours in plan})
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise GGUFError(f"missing tensor for {missing[0]}{more}")
+    plan = tensor_plan(tensors, expected)
     tokenizer, tokenizer_config = build_tokenizer(meta)
 
     quantizable = q.quantizable_modules(model) if quantize else set()
@@ -156,6 +144,24 @@ def convert_gguf(gguf_path, out_dir, dtype: str = "bf16", quantize: int | None =
         (tmp / "generation_config.json").write_text(json.dumps(
             {k: cfg_out[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}, indent=2))
     return out
+
+
+def tensor_plan(tensors: dict, expected: dict) -> list[tuple[str, str]]:
+    """(GGUF name, our name) of every tensor, checked against the shapes the config implies, none missing."""
+    plan = []
+    for name, t in tensors.items():
+        ours = map_name(name)
+        if ours is None or ours not in expected:
+            raise GGUFError(f"unexpected tensor {name} (not part of this Gemma 3 config)")
+        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims innermost first
+        if shape != expected[ours]:
+            raise GGUFError(f"tensor {name} has shape {list(shape)}, the config implies {list(expected[ours])}")
+        plan.append((name, ours))
+    missing = sorted(set(expected) - {ours for _, ours in plan})
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise GGUFError(f"missing tensor for {missing[0]}{more}")
+    return plan
 
 
 def describe_gguf(gguf_path) -> tuple[dict, list[tuple[str, int, int]]]:

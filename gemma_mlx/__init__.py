@@ -4,9 +4,8 @@ from ._blas import preload_blas
 
 preload_blas()  # before anything imports mlx.core
 
-from .batch import generate_batch  # noqa: E402
-from .generate import (ChatTemplateError, Engine, Generation, LoadError, PairError, Piece, generate, load,  # noqa: E402
-                       stream_generate)
+from .generate import (ChatTemplateError, Engine, Generation, LoadError, PairError, Piece, generate,  # noqa: E402
+                       generate_batch, load, stream_generate)
 
 __all__ = ["ChatTemplateError", "Engine", "Generation", "LoadError", "PairError", "Piece", "generate", "generate_batch",
            "load", "stream_generate"]

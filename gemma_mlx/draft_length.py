@@ -3,6 +3,8 @@ the measured round time at each K (acceptance evidence first, timings second).""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 K_MAX = 8  # the deepest draft a round may have
@@ -68,10 +70,12 @@ class DraftLength:
         self.timed: set[tuple[int, int]] = set()
 
     def choose(self, rows: list | None = None, room: list | None = None) -> int:
-        """K for the next round; `rows`: the batch rows' Stats (None: batch 1, pooled acceptance), `room`: tokens
-        each row may still emit."""
+        """K for the next round; `rows`: the batch rows' Stats (None or one row: pooled acceptance, which an engine
+        keeps across calls), `room`: tokens each row may still emit."""
         if self.fixed is not None:
             return self.fixed
+        if rows is not None and len(rows) == 1:
+            rows = room = None
         batch = 1 if rows is None else len(rows)
         if self.rounds < 2:
             return self.start
@@ -154,3 +158,27 @@ class DraftLength:
             self.time_sum[b], self.time_n[b] = np.zeros(K_MAX + 1), np.zeros(K_MAX + 1)
         self.time_sum[b][k] = self.time_sum[b][k] * decay + seconds
         self.time_n[b][k] = self.time_n[b][k] * decay + 1
+
+
+class RoundClock:
+    """The seconds each round cost, for `DraftLength.update`, kept out of the decode loop: the wall time since the
+    previous round finished, less the building of a round queued meanwhile, plus this round's own build when it
+    was queued before that. Charging builds to their own round matters: on the CPU backend async_eval computes most
+    of a graph this size before returning (a queued round is computed while its predecessor is still unread); on a
+    GPU it returns at once and the round runs while the host works."""
+
+    def __init__(self, clock=time.perf_counter):
+        self.clock = clock
+        self.last = clock()
+
+    def restart(self):
+        self.last = self.clock()
+
+    def lap(self, current, queued=None) -> tuple[float, float]:
+        """(wall seconds since the last lap, the seconds `current` cost) for a round just finished; `queued`: the
+        round started while it ran, if any (rounds have `started` and `build_seconds`)."""
+        now = self.clock()
+        own_build = current.build_seconds if current.started < self.last else 0.0
+        other_builds = queued.build_seconds if queued is not None else 0.0
+        wall, self.last = now - self.last, now
+        return wall, max(wall - other_builds + own_build, 0.0)

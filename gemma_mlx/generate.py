@@ -1,4 +1,5 @@
-"""The Python API: `load` a target (+ drafter), then `generate` / `stream_generate` text.
+"""The Python API: `load` a target (+ drafter), then `generate` / `stream_generate` text, or `generate_batch` for
+several prompts at once.
 
     import gemma_mlx
     engine = gemma_mlx.load("path/to/target", drafter="path/to/assistant")
@@ -18,8 +19,8 @@ from .models.gemma4_assistant import Drafter, PairError
 from .models.gemma4_text import Target
 from .sampling import SamplingParams
 from .draft_length import DraftLength
-from .speculative import Session, Stats, generate_tokens
-from .stops import TextStream
+from .decode import Decoder, Session
+from .speculative import Stats
 
 
 class ChatTemplateError(ValueError):
@@ -103,20 +104,15 @@ def draft_length(engine: Engine, draft_tokens) -> DraftLength:
 def stream_generate(engine: Engine, prompt, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                     top_k: int = 0, min_p: float = 0.0, draft_tokens="auto", stop=(), seed: int | None = None,
                     reuse_cache: bool = True) -> Iterator[Piece]:
-    params = SamplingParams(temperature, top_p, top_k, min_p)
     tokens = engine.encode(prompt)
     if not reuse_cache:
         engine.session.reset()
-    draft = draft_length(engine, draft_tokens)
-    text = TextStream(engine.tokenizer, engine.eos_ids, [stop] if isinstance(stop, str) else stop, max_tokens)
-    stream = generate_tokens(engine.target, engine.drafter, engine.session, tokens, max_tokens=max_tokens,
-                             params=params, draft=draft, eos_ids=engine.eos_ids, seed=seed)
-    for new, stats in stream:
-        done = text.add(new)
-        yield Piece(text.take(), new, stats, text.finish_reason)
-        if done:
-            stream.close()
-            return
+    decoder = Decoder(engine.target, engine.drafter, SamplingParams(temperature, top_p, top_k, min_p),
+                      draft_length(engine, draft_tokens), engine.eos_ids, engine.tokenizer, seed=seed,
+                      session=engine.session)
+    row = decoder.add(tokens, max_tokens, stop_list(stop))
+    for new in decoder.follow(row):
+        yield Piece(row.stream.take(), new, row.stats, row.finish_reason)
 
 
 def generate(engine: Engine, prompt, **kwargs) -> Generation:
@@ -128,4 +124,22 @@ def generate(engine: Engine, prompt, **kwargs) -> Generation:
     return Generation(text, tokens, piece.stats, piece.finish_reason)
 
 
-__all__ = ["Engine", "Generation", "LoadError", "PairError", "Piece", "generate", "load", "stream_generate"]
+def generate_batch(engine: Engine, prompts, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+                   top_k: int = 0, min_p: float = 0.0, draft_tokens="auto", stop=(), seed: int | None = None) -> list:
+    """Generate for several prompts at once (strings, chat messages or token ids, as `generate` takes); returns
+    one `Generation` per prompt, in order. Each row is what `generate` gives for that prompt alone (greedy: the
+    same tokens; sampling: the same distribution)."""
+    decoder = Decoder(engine.target, engine.drafter, SamplingParams(temperature, top_p, top_k, min_p),
+                      draft_length(engine, draft_tokens), engine.eos_ids, engine.tokenizer, engine.chunk, seed)
+    rows = [decoder.add(engine.encode(p), max_tokens, stop_list(stop)) for p in prompts]
+    while decoder.rows:
+        decoder.step()
+    return [Generation(r.stream.text, r.tokens, r.stats, r.finish_reason) for r in rows]
+
+
+def stop_list(stop) -> list[str]:
+    return [s for s in ([stop] if isinstance(stop, str) else stop) if s]
+
+
+__all__ = ["Engine", "Generation", "LoadError", "PairError", "Piece", "generate", "generate_batch", "load",
+           "stream_generate"]

@@ -21,7 +21,7 @@ from mlx_lm.utils import dequantize_model, load_model, load_tokenizer
 from .convert.safetensors_io import SafetensorsError, open_checkpoint
 from .draft_length import K_MAX
 from .models import ConfigError, family, matmul, model_kind
-from .models.gemma4_assistant import Drafter, DrafterConfig
+from .models.gemma4_assistant import Drafter, DrafterConfig, check_pair
 from .models.gemma4_text import Target, text_config_of
 
 CONVERSION = 2
@@ -194,4 +194,5 @@ def load_drafter(source, target: Target, dtype: str | None = None, progress: boo
         # runs in float32 on the CPU backend (on Metal and CUDA, as stored)
         dequantize_model(model)
         model.set_dtype(mx.float32)
-    return model.bind(target)
+    check_pair(target.config, model.config)
+    return model

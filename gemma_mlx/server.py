@@ -1,6 +1,6 @@
 """gemma-mlx serve: an OpenAI-compatible HTTP server whose concurrent requests share batched MTP rounds.
 
-One worker thread owns the model and runs rounds (batch.py); requests join the batch between rounds and leave when
+One worker thread owns the model and runs rounds (decode.py); requests join the batch between rounds and leave when
 they finish or their client disconnects. Requests with the same sampling settings share a batch (greedy ones all
 do); a request with a `seed` gets a batch of its own so its samples are reproducible. HTTP is Starlette + uvicorn.
 
@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from .batch import BatchDecoder, Row
+from .decode import Decoder, Row
 from .generate import ChatTemplateError, Engine, draft_length
 from .sampling import SamplingParams
 
@@ -141,7 +141,7 @@ class Scheduler:
     def __init__(self, engine: Engine, max_batch: int = 8, draft_tokens="auto"):
         self.engine, self.max_batch, self.draft_tokens = engine, max_batch, draft_tokens
         self.waiting: queue.Queue[Job] = queue.Queue()
-        self.batches: dict[tuple, tuple[BatchDecoder, list[Job]]] = {}
+        self.batches: dict[tuple, tuple[Decoder, list[Job]]] = {}
         self.wake = threading.Event()
         self.ids = itertools.count()
         self.closed = False
@@ -196,7 +196,7 @@ class Scheduler:
                 key = key if job.seed is None else (job.params, job.seed, next(self.ids))
                 engine = self.engine
                 draft = draft_length(engine, 0 if engine.drafter is None else self.draft_tokens)
-                self.batches[key] = (BatchDecoder(engine.target, engine.drafter, job.params, draft,
+                self.batches[key] = (Decoder(engine.target, engine.drafter, job.params, draft,
                                                   engine.eos_ids, engine.tokenizer, engine.chunk, job.seed), [])
             decoder, jobs = self.batches[key]
             job.row = decoder.add(job.prompt, job.max_tokens, job.stops)
@@ -208,136 +208,152 @@ class Scheduler:
 # --- HTTP ---------------------------------------------------------------------------------------------------------
 
 
-def build_app(engine: Engine, model_id: str, max_batch: int = 8, draft_tokens="auto") -> Starlette:
-    scheduler = Scheduler(engine, max_batch, draft_tokens)
+async def request_body(request: Request) -> dict:
+    try:
+        body = await request.json()
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested too deep to parse
+        raise BadRequest("request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    return body
+
+
+def request_prompt(body: dict, engine: Engine, chat: bool) -> list[int]:
+    if chat:
+        try:
+            return engine.encode(chat_messages(body.get("messages")))
+        except ChatTemplateError as e:
+            raise BadRequest(str(e).replace("--raw in the CLI, ", ""), param="messages") from None
+    text = body.get("prompt")
+    if not isinstance(text, str) or not text:
+        raise BadRequest("prompt must be a non-empty string", param="prompt")
+    return engine.encode(text)
+
+
+def read_job(body: dict, engine: Engine, model_id: str, chat: bool) -> Job:
+    """The request's job, every field checked (BadRequest names the first bad one)."""
+    if body.get("model") not in (None, model_id, "default"):
+        raise BadRequest(f"model {body.get('model')!r} does not exist (this server runs {model_id!r})", 404,
+                         "model", "model_not_found")
+    check_unsupported(body)
+    prompt = request_prompt(body, engine, chat)
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 256))
+    if not is_int(max_tokens) or max_tokens < 1:
+        raise BadRequest("max_tokens must be a positive integer", param="max_tokens")
     context = engine.target.config.max_position_embeddings
-    created = int(time.time())
+    if len(prompt) + max_tokens > context:
+        raise BadRequest(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the context "
+                         f"({context} tokens)", param="messages" if chat else "prompt", code="context_length_exceeded")
+    params = SamplingParams(number(body, "temperature", 1.0, 0, 2), number(body, "top_p", 1.0, 0, 1, open_low=True))
+    seed = body.get("seed")
+    if seed is not None and not is_int(seed):
+        raise BadRequest("seed must be an integer", param="seed")
+    if not isinstance(body.get("stream", False), bool):
+        raise BadRequest("stream must be true or false", param="stream")
+    return Job(prompt, max_tokens, params, stop_strings(body.get("stop")), seed, asyncio.get_running_loop())
 
-    async def health(request: Request):
-        return JSONResponse({"status": "ok", "model": model_id, "drafter": engine.drafter is not None})
 
-    async def models(request: Request):
-        return JSONResponse({"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
-                                                          "owned_by": "gemma-mlx"}]})
+def usage(job: Job) -> dict:
+    return {"prompt_tokens": len(job.prompt), "completion_tokens": len(job.row.tokens),
+            "total_tokens": len(job.prompt) + len(job.row.tokens)}
 
-    async def parse(request: Request, chat: bool) -> tuple[Job, dict]:
+
+def mtp(job: Job) -> dict:
+    st = job.row.stats
+    return {"mean_accepted_length": st.mean_accepted_length, "acceptance": st.acceptance,
+            "acceptance_by_position": st.acceptance_by_position, "rounds": st.rounds}
+
+
+class Api:
+    """The HTTP handlers of one engine and its scheduler."""
+
+    def __init__(self, engine: Engine, model_id: str, scheduler: Scheduler):
+        self.engine, self.model_id, self.scheduler = engine, model_id, scheduler
+        self.created = int(time.time())
+
+    async def health(self, request: Request):
+        return JSONResponse({"status": "ok", "model": self.model_id, "drafter": self.engine.drafter is not None})
+
+    async def models(self, request: Request):
+        return JSONResponse({"object": "list", "data": [{"id": self.model_id, "object": "model",
+                                                          "created": self.created, "owned_by": "gemma-mlx"}]})
+
+    async def chat_completions(self, request: Request):
+        return await self.completion(request, chat=True)
+
+    async def completions(self, request: Request):
+        return await self.completion(request, chat=False)
+
+    async def completion(self, request: Request, chat: bool):
         try:
-            body = await request.json()
-        except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested too deep to parse
-            raise BadRequest("request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise BadRequest("request body must be a JSON object")
-        if body.get("model") not in (None, model_id, "default"):
-            raise BadRequest(f"model {body.get('model')!r} does not exist (this server runs {model_id!r})", 404,
-                             "model", "model_not_found")
-        check_unsupported(body)
-        if chat:
-            try:
-                prompt = engine.encode(chat_messages(body.get("messages")))
-            except ChatTemplateError as e:
-                raise BadRequest(str(e).replace("--raw in the CLI, ", ""), param="messages") from None
-        else:
-            text = body.get("prompt")
-            if not isinstance(text, str) or not text:
-                raise BadRequest("prompt must be a non-empty string", param="prompt")
-            prompt = engine.encode(text)
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 256))
-        if not is_int(max_tokens) or max_tokens < 1:
-            raise BadRequest("max_tokens must be a positive integer", param="max_tokens")
-        if len(prompt) + max_tokens > context:
-            raise BadRequest(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the context "
-                             f"({context} tokens)", param="messages" if chat else "prompt",
-                             code="context_length_exceeded")
-        params = SamplingParams(number(body, "temperature", 1.0, 0, 2),
-                                number(body, "top_p", 1.0, 0, 1, open_low=True))
-        seed = body.get("seed")
-        if seed is not None and not is_int(seed):
-            raise BadRequest("seed must be an integer", param="seed")
-        if not isinstance(body.get("stream", False), bool):
-            raise BadRequest("stream must be true or false", param="stream")
-        return Job(prompt, max_tokens, params, stop_strings(body.get("stop")), seed, asyncio.get_running_loop()), body
-
-    def usage(job: Job) -> dict:
-        return {"prompt_tokens": len(job.prompt), "completion_tokens": len(job.row.tokens),
-                "total_tokens": len(job.prompt) + len(job.row.tokens)}
-
-    def mtp(job: Job) -> dict:
-        st = job.row.stats
-        return {"mean_accepted_length": st.mean_accepted_length, "acceptance": st.acceptance,
-                "acceptance_by_position": st.acceptance_by_position, "rounds": st.rounds}
-
-    async def completion(request: Request, chat: bool):
-        try:
-            job, body = await parse(request, chat)
+            body = await request_body(request)
+            job = read_job(body, self.engine, self.model_id, chat)
         except BadRequest as e:
             return error(str(e), e.status, e.param, e.code)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        scheduler.submit(job)
-        obj = "chat.completion" if chat else "text_completion"
-        if not body.get("stream"):
-            text, finish = "", None
-            while finish is None:
-                piece, finish = await job.updates.get()
-                text += piece
-            if finish not in ("stop", "length"):
-                return error(finish, 500, kind="server_error")
-            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-                      if chat else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
-            return JSONResponse({"id": rid, "object": obj, "created": int(time.time()), "model": model_id,
-                                 "choices": [choice], "usage": usage(job), "mtp": mtp(job)})
-        return StreamingResponse(stream(job, rid, chat), media_type="text/event-stream")
+        self.scheduler.submit(job)
+        if body.get("stream"):
+            return StreamingResponse(self.stream(job, rid, chat), media_type="text/event-stream")
+        text, finish = "", None
+        while finish is None:
+            piece, finish = await job.updates.get()
+            text += piece
+        if finish not in ("stop", "length"):
+            return error(finish, 500, kind="server_error")
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                  if chat else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
+        return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
+                             "created": int(time.time()), "model": self.model_id, "choices": [choice],
+                             "usage": usage(job), "mtp": mtp(job)})
 
-    async def stream(job: Job, rid: str, chat: bool):
-        obj = "chat.completion.chunk" if chat else "text_completion"
+    def chunk(self, rid: str, chat: bool, delta: Optional[str], finish=None, role=False, extra=None) -> str:
+        if chat:
+            d = {"role": "assistant", "content": ""} if role else ({} if delta is None else {"content": delta})
+            choice = {"index": 0, "delta": d, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+        payload = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                   "created": int(time.time()), "model": self.model_id, "choices": [choice], **(extra or {})}
+        return f"data: {json.dumps(payload)}\n\n"
 
-        def chunk(delta: Optional[str], finish=None, role=False, extra=None):
-            if chat:
-                d = {"role": "assistant", "content": ""} if role else ({} if delta is None else {"content": delta})
-                choice = {"index": 0, "delta": d, "finish_reason": finish}
-            else:
-                choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
-            payload = {"id": rid, "object": obj, "created": int(time.time()), "model": model_id, "choices": [choice]}
-            payload.update(extra or {})
-            return f"data: {json.dumps(payload)}\n\n"
-
+    async def stream(self, job: Job, rid: str, chat: bool):
         finish = None
         try:
             if chat:
-                yield chunk(None, role=True)
+                yield self.chunk(rid, chat, None, role=True)
             while finish is None:
                 piece, finish = await job.updates.get()
                 if piece:
-                    yield chunk(piece)
+                    yield self.chunk(rid, chat, piece)
             if finish not in ("stop", "length"):
                 yield f"data: {json.dumps({'error': {'message': finish, 'type': 'server_error'}})}\n\n"
             else:
-                yield chunk(None, finish=finish, extra={"usage": usage(job), "mtp": mtp(job)})
+                yield self.chunk(rid, chat, None, finish=finish, extra={"usage": usage(job), "mtp": mtp(job)})
             yield "data: [DONE]\n\n"
         finally:
             if finish is None:  # the client went away mid-stream: free its row at the next round
                 job.cancelled = True
-                scheduler.wake.set()
+                self.scheduler.wake.set()
 
-    async def chat_completions(request):
-        return await completion(request, chat=True)
 
-    async def completions(request):
-        return await completion(request, chat=False)
+async def http_error(request: Request, exc: HTTPException):
+    what = {404: f"no route {request.url.path} (see /v1/models, /v1/chat/completions, /v1/completions)",
+            405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+    return error(what, exc.status_code, code="not_found" if exc.status_code == 404 else None)
 
-    async def http_error(request: Request, exc: HTTPException):
-        what = {404: f"no route {request.url.path} (see /v1/models, /v1/chat/completions, /v1/completions)",
-                405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
-        return error(what, exc.status_code, code="not_found" if exc.status_code == 404 else None)
 
-    async def server_error(request: Request, exc: Exception):  # never a traceback to the client
-        return error("internal server error", 500, kind="server_error")
+async def server_error(request: Request, exc: Exception):  # never a traceback to the client
+    return error("internal server error", 500, kind="server_error")
 
+
+def build_app(engine: Engine, model_id: str, max_batch: int = 8, draft_tokens="auto") -> Starlette:
+    api = Api(engine, model_id, Scheduler(engine, max_batch, draft_tokens))
     app = Starlette(exception_handlers={HTTPException: http_error, Exception: server_error}, routes=[
-        Route("/health", health), Route("/v1/models", models),
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/health", api.health), Route("/v1/models", api.models),
+        Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
+        Route("/v1/completions", api.completions, methods=["POST"]),
     ])
-    app.state.scheduler = scheduler
+    app.state.scheduler = api.scheduler
     return app
 
 

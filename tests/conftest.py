@@ -98,7 +98,7 @@ def pair(mlx_dir, mlx_target):
 
     def get(name, ordered):
         if (name, ordered) not in loaded:
-            loaded[name, ordered] = load_checkpoint(mlx_dir(name, ordered=ordered)).bind(mlx_target(name))
+            loaded[name, ordered] = load_checkpoint(mlx_dir(name, ordered=ordered))
         return mlx_target(name), loaded[name, ordered]
 
     return get

@@ -1,4 +1,4 @@
-"""Batch mode (batch.py): every row of a batched run is token-identical to that prompt's own greedy run
+"""Batch mode (decode.py): every row of a batched run is token-identical to that prompt's own greedy run
 (transformers' greedy, the oracle), with ragged acceptance, rows finishing at different rounds and rows joining
 mid-run; padded and rejected cache slots are never attended; the MoE expert-union path computes what mlx-lm's
 per-pair path does; the batch draft length maximises the rows' summed tokens per second; sampling in batch is
@@ -12,7 +12,7 @@ from oracle import hf_greedy
 
 import gemma_mlx
 from bench.controlled import ControlledDrafter
-from gemma_mlx.batch import BatchDecoder
+from gemma_mlx.decode import Decoder
 from gemma_mlx.models.base import cache_for
 from gemma_mlx.models.gemma4_text import TextConfig
 from gemma_mlx.models.moe import Experts
@@ -30,9 +30,9 @@ def prompts(n, seed=0):
 
 
 def decoder_for(target, drafter, reference, k, alpha=0.7, seed=1, **kw):
-    """A BatchDecoder whose drafter is right with probability ≈ alpha (reference[row.id]: prompt + greedy
+    """A Decoder whose drafter is right with probability ≈ alpha (reference[row.id]: prompt + greedy
     continuation), or plain decoding when drafter is None."""
-    decoder = BatchDecoder(target, None, draft=DraftLength(fixed=0), **kw)
+    decoder = Decoder(target, None, draft=DraftLength(fixed=0), **kw)
     if drafter is not None:
         decoder.drafter = ControlledDrafter(drafter, lambda: [reference[r.id] for r in decoder.rows], alpha, seed)
         decoder.draft = DraftLength() if k == "auto" else DraftLength(fixed=k)
@@ -113,6 +113,37 @@ def test_batch_empties_and_refills_and_rows_can_be_removed(pair, hf_dir):
     assert [r.tokens for r in [first] + later] == expected[:2] + [expected[2][:len(later[1].tokens)], expected[3]]
 
 
+def test_plain_rounds_are_pipelined_at_any_batch_size_through_joins_and_leaves(pair, hf_dir):
+    """One loop for one row and for B: the next plain round is started before the last one is read
+    (Decoder.queued); rows that finish drop out of it, a row joining discards it (its position rolled back); every
+    row is still its own greedy run."""
+    target, _ = pair("plain", False)
+    ps = prompts(4, seed=3)
+    limits = [10, 4, 7, 9]
+    expected = [hf_greedy(hf_dir("plain"), p, n) for p, n in zip(ps, limits)]
+    alone = Decoder(target, None, chunk=8)
+    row = alone.add(ps[0], limits[0])
+    alone.step()
+    assert alone.queued is not None and alone.queued.k == 0
+    while alone.rows:
+        alone.step()
+    assert row.tokens == expected[0] and alone.queued is None
+    decoder = Decoder(target, None, chunk=8)
+    rows = [decoder.add(p, n) for p, n in zip(ps[:3], limits[:3])]
+    queued, rounds = [], 0
+    while decoder.rows:
+        if rounds == 2:
+            rows.append(decoder.add(ps[3], limits[3]))
+            assert decoder.queued is None
+        decoder.step()
+        queued.append(None if decoder.queued is None else decoder.queued.hidden.shape[0])
+        rounds += 1
+    assert [r.tokens for r in rows] == expected
+    # rows in the queued round after each step: 3; the 4th joins (the queued round is discarded) and row 1 finishes
+    # in round 3, then rows 2, 0 and 3 finish; after the last round nothing is queued
+    assert queued == [3, 3, 3, 3, 3, 2, 2, 2, 1, None]
+
+
 def test_padded_and_rejected_slots_are_never_attended(pair, hf_dir):
     """Rows of different lengths share buffers: a linear buffer is padded to the longest row, the rings hold
     rejected drafts after partial acceptance. Poisoning every slot a row must not see changes nothing, bit for bit,
@@ -130,7 +161,7 @@ def test_padded_and_rejected_slots_are_never_attended(pair, hf_dir):
     assert len(set(cache.lengths.tolist())) == 3
 
     def next_round():
-        drafts = drafter.draft(decoder.x, decoder.g, cache, 3)
+        drafts = drafter.draft(target, decoder.x, decoder.g, cache, 3)
         logits, hidden = target(mx.concatenate([decoder.x, drafts.astype(decoder.x.dtype)], axis=1), cache)
         mx.eval(drafts, logits, hidden)
         cache.rollback(4)
@@ -338,6 +369,26 @@ def test_fixed_draft_length_can_be_the_maximum():
     assert draft.choose() == 8
 
 
+def test_round_clock_charges_each_round_its_own_build():
+    """On the CPU backend async_eval computes most of a round while it is built, so a plain round queued during
+    another is charged to itself, not to the round it was built during (draft_length.RoundClock)."""
+    from types import SimpleNamespace
+
+    from gemma_mlx.draft_length import RoundClock
+
+    now = [0.0]
+    clock = RoundClock(lambda: now[0])
+    first = SimpleNamespace(started=0.0, build_seconds=0.01)
+    now[0] = 0.10  # the next round was built from 0.05 to 0.09, while the first one ran
+    queued = SimpleNamespace(started=0.05, build_seconds=0.04)
+    assert clock.lap(first, queued) == pytest.approx((0.10, 0.06))
+    now[0] = 0.13
+    assert clock.lap(queued) == pytest.approx((0.03, 0.07))  # started before the last lap: its build is its own
+    clock.restart()  # a row joined: its prefill is no round's time
+    now[0] = 0.30
+    assert clock.lap(SimpleNamespace(started=0.2, build_seconds=0.05)) == pytest.approx((0.17, 0.17))
+
+
 @pytest.mark.slow
 def test_batched_sampling_matches_plain_sampling_per_row(pair, hf_dir):
     """Temperature > 0 in batch: each row's first sampled tokens after the prefill (decided by speculative rounds)
@@ -353,7 +404,7 @@ def test_batched_sampling_matches_plain_sampling_per_row(pair, hf_dir):
     def sampled(k, seeds):
         out = {0: [], 1: []}
         for s in seeds:
-            decoder = BatchDecoder(target, None, params=params, draft=DraftLength(fixed=0), chunk=8, seed=s)
+            decoder = Decoder(target, None, params=params, draft=DraftLength(fixed=0), chunk=8, seed=s)
             if k:
                 decoder.drafter = ControlledDrafter(drafter, lambda: [reference[r.id % 2] for r in decoder.rows],
                                                     0.8, seed=s)

@@ -99,7 +99,7 @@ def test_a_draft_is_timed_after_a_verify_as_in_a_round(monkeypatch):
         return mx.zeros((1,))
 
     class Drafter:
-        def draft(self, x, g, cache, k):
+        def draft(self, target, x, g, cache, k):
             clock["t"] += k * (2.0 if clock["last"] == "target" else 1.0)  # cold after the target, warm after itself
             clock["last"] = "drafter"
             return mx.zeros((1, k))
@@ -151,7 +151,7 @@ def test_controlled_drafts_are_right_on_the_same_positions_whatever_k():
     from bench.controlled import ControlledDrafter
 
     class Wrong:  # a drafter that always proposes token 0
-        def draft(self, x, g, cache, k):
+        def draft(self, target, x, g, cache, k):
             return mx.zeros((len(cache.lengths), k), mx.uint32)
 
     class Cache:
@@ -161,7 +161,7 @@ def test_controlled_drafts_are_right_on_the_same_positions_whatever_k():
     reference = list(range(1, 5001))  # token at position p is p + 1, never 0
 
     def right(drafter, at, k):  # which of the k positions after `at` row 0 is drafted right on
-        return np.array(drafter.draft(None, None, Cache([at, at]), k))[0] > 0
+        return np.array(drafter.draft(None, None, None, Cache([at, at]), k))[0] > 0
 
     a, b = (ControlledDrafter(Wrong(), [reference] * 2, 0.7, seed=5) for _ in range(2))
     for at in (10, 11, 57):
@@ -169,5 +169,5 @@ def test_controlled_drafts_are_right_on_the_same_positions_whatever_k():
     assert (right(a, 20, 4)[1:] == right(a, 21, 3)).all()  # guessed again in the next round: the same outcome
     many = np.concatenate([right(a, at, 8) for at in range(0, 4000, 8)])
     assert abs(many.mean() - 0.7) < 0.03
-    both = np.stack([np.array(a.draft(None, None, Cache([at, at]), 8)) > 0 for at in range(0, 800, 8)])
+    both = np.stack([np.array(a.draft(None, None, None, Cache([at, at]), 8)) > 0 for at in range(0, 800, 8)])
     assert (both[:, 0] != both[:, 1]).any()  # each row tosses its own coins

@@ -111,7 +111,7 @@ def test_a_forward_reads_only_the_slots_its_queries_see():
     sliding layer reads its W newest slots unmasked unless they wrap around the ring's end (then the whole ring)."""
     from types import SimpleNamespace
 
-    from gemma_mlx.cache import Span, TargetCache
+    from gemma_mlx.cache import Span
 
     W, chunk = 8, 4
     cfg = SimpleNamespace(sliding_window=W, first_shared_layer=2, layer_types=["sliding_attention", "full_attention"],

@@ -46,11 +46,12 @@ def tiny_gemma3(out):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     from gemma_mlx.models.gemma3_text import Gemma3Target
+    from gemma_mlx.models.gemma3_text import config_of as gemma3_config_of
 
     torch.manual_seed(0)
     hf = Gemma3ForCausalLM(Gemma3TextConfig(**BASE, layer_types=[S, S, F, S, S, F])).eval()
     perturb(hf, 301)
-    target = Gemma3Target.from_config_dict(hf.config.to_dict())
+    target = Gemma3Target(gemma3_config_of(hf.config.to_dict()))
     weights = {k: mx.array(v.detach().numpy()) for k, v in hf.state_dict().items()}
     for k in weights:
         if k.endswith(("post_attention_layernorm.weight", "post_feedforward_layernorm.weight")):
@@ -182,7 +183,7 @@ def test_transformers_runs_the_saved_checkpoint_with_our_logits(gemma4, hf_dir, 
     target_dir, out, _ = gemma4
     hf_target = hf_dir("plain-calm")
     target = load_checkpoint(target_dir)
-    drafter = load_checkpoint(converted(out, tmp_path)).bind(target)
+    drafter = load_checkpoint(converted(out, tmp_path))
     ids = [2] + np.random.default_rng(4).integers(7, 500, 19).tolist()  # longer than W + 1 = 9
     L = len(ids)  # x = ids[L-1] is drafted from; the cache holds 0…L−2
     _, hidden = hf_forward(hf_target, ids[:-1])
@@ -218,10 +219,11 @@ def test_training_forward_is_the_runtime_drafters_computation(mlx_target):
         masks, offset = drafter.masks(cache), mx.array(cache.lengths, dtype=mx.int32)
         g = batch.hidden[:, p - 1 : p]
         for j in range(K):
-            h, g = drafter.step(mx.array([[seq[p + j]]]), g, offset, drafter.reads(cache), masks)
+            h, g = drafter.forward(mx.concatenate([target.model.embed(mx.array([[seq[p + j]]])), g], axis=-1), offset,
+                                   drafter.reads(cache), masks)
             np.testing.assert_allclose(np.array(h[0]), np.array(steps[j][0, p - 1]), atol=1e-4,
                                        err_msg=f"start {p}, step {j + 1}")
-        drafts = drafter.draft(mx.array([[seq[p]]]), batch.hidden[:, p - 1 : p], cache, K)[0].tolist()
+        drafts = drafter.draft(target, mx.array([[seq[p]]]), batch.hidden[:, p - 1 : p], cache, K)[0].tolist()
         chained = D.drafter_steps(drafter, target, D.teacher_force(target, [seq[: p + 1] + drafts[:-1]]), K)
         assert [int(drafter.greedy(h[:, p - 1])[0]) for h in chained] == drafts, f"start {p}"
 
@@ -473,3 +475,18 @@ def test_generation_continues_corpus_openings_too(mlx_dir, text_dir, tmp_path, m
     D.collect_generated(prepared, tmp_path / "w", dict(gen_batches=0, data_batches=0, data_positions=0), None,
                         D.Reporter())
     assert seen and all(o in seen[0] for o in openings)
+
+
+def test_a_prompts_file_keeps_newlines_and_holds_out_a_tenth_up_to_sixteen(tmp_path):
+    """`--prompts`: one prompt per line, `\\n` standing for a newline (code openings need them); the last tenth is
+    held out, at most 16 (measured after every epoch)."""
+    from gemma_mlx.distill.options import read_prompts
+
+    path = tmp_path / "prompts.txt"
+    lines = [f"def f{i}(x):\\n    return x + {i}" for i in range(300)]
+    path.write_text("\n".join(lines) + "\n\n")
+    train, held = read_prompts(D.Options(target="", out="", prompts=str(path)))
+    assert len(held) == 16 and len(train) == 284
+    assert train[0] == "def f0(x):\n    return x + 0" and held[-1] == "def f299(x):\n    return x + 299"
+    path.write_text("one\ntwo\nthree\n")
+    assert read_prompts(D.Options(target="", out="", prompts=str(path))) == (["one", "two"], ["three"])

@@ -18,6 +18,7 @@ from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 import gemma_mlx  # noqa: F401  (OpenBLAS before mlx.core)
 from gemma_mlx.models.base import ConfigError
 from gemma_mlx.models.gemma3_text import Gemma3Config, Gemma3Target
+from gemma_mlx.models.gemma3_text import config_of as gemma3_config_of
 
 S, F = "sliding_attention", "full_attention"
 W = 8
@@ -70,7 +71,7 @@ def hf_dir(tmp_path_factory):
 
 def load_mlx(path: Path) -> Gemma3Target:
     """The HF checkpoint straight into our classes: HF names are ours, sanitize drops the tied head."""
-    target = Gemma3Target.from_config_dict(json.loads((path / "config.json").read_text()))
+    target = Gemma3Target(gemma3_config_of(json.loads((path / "config.json").read_text())))
     weights = {}
     for f in sorted(path.glob("*.safetensors")):
         weights.update(mx.load(str(f)))
@@ -155,7 +156,7 @@ def test_geometry_serves_cache_and_drafter():
     assert (cfg.layer_head_dim(1), cfg.layer_kv_heads(1)) == (16, 1)
     cache = Gemma3Target(cfg).make_cache(chunk=4)
     assert [c.ring_capacity for c in cache.layers] == [12, None, 12, 12, None, 12]
-    wrapped = Gemma3Target.from_config_dict({"model_type": "gemma3", "text_config": {**BASE, **VARIANTS["mqa"]}})
+    wrapped = Gemma3Target(gemma3_config_of({"model_type": "gemma3", "text_config": {**BASE, **VARIANTS["mqa"]}}))
     assert wrapped.config == cfg  # the multimodal wrapper's text stack
 
 
@@ -224,7 +225,7 @@ def test_decode_with_rollbacks_equals_never_having_decoded(variant, mlx_target, 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_engine_greedy_matches_transformers_generate(variant, mlx_target, hf_dir):
     """The speculative loop runs a Gemma 3 target unchanged (no drafter: plain pipelined rounds)."""
-    from gemma_mlx.speculative import Session, generate_tokens
+    from gemma_mlx.decode import Session, generate_tokens
 
     target = mlx_target(variant)
     n = 2 * W

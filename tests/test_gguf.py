@@ -270,7 +270,7 @@ def test_real_gguf_matches_transformers_gguf_loading(real, capsys):
 
 @pytest.mark.slow
 def test_real_gguf_generates(real, capsys):
-    from gemma_mlx.speculative import Session, generate_tokens
+    from gemma_mlx.decode import Session, generate_tokens
 
     _, out = real
     model, tok = load_mlx(out), load_tokenizer(out)

@@ -15,7 +15,7 @@ from gemma_mlx.models.base import FULL, SLIDING
 from gemma_mlx.models.gemma4_assistant import PairError, check_pair
 from gemma_mlx.sampling import SamplingParams, processed_logits
 from gemma_mlx.draft_length import DraftLength
-from gemma_mlx.speculative import Session, generate_tokens
+from gemma_mlx.decode import Session, generate_tokens
 
 W = 8  # sliding window of the oracle models
 VARIANTS = ["plain", "nosoftcap", "kvshared", "ple", "moe", "keqv", "e2blike", "mm", "unified"]
@@ -78,7 +78,7 @@ def test_drafter_matches_transformers_on_replayed_kv(variant, ordered, pair, hf_
         chain.append(nxt)
         u = np.concatenate([hf_embed_scaled(hf_dir(variant), nxt), ref_hidden])[None, None]
     # the compiled K-step draft of a round gives HF's chain of greedy tokens
-    drafts = drafter.draft(mx.array([[ids[-1]]]), mx.array(hidden[-1][None, None].astype(np.float32)), cache, 3)
+    drafts = drafter.draft(target, mx.array([[ids[-1]]]), mx.array(hidden[-1][None, None].astype(np.float32)), cache, 3)
     assert np.array(drafts)[0].tolist() == chain
 
 
@@ -114,9 +114,9 @@ def test_compiled_draft_follows_cache_growth_and_weight_updates(pair):
         """(compiled, eager) drafts for x = ids[n] once ids[:n] are cached."""
         _, g, _ = session.prefill(ids[:n])
         x, cache = mx.array([[ids[n]]]), session.cache
-        eager = drafter._steps(k, x, g, mx.array(cache.lengths, dtype=mx.int32), drafter.reads(cache),
+        eager = drafter._steps(k, target.model.embed, x, g, mx.array(cache.lengths, dtype=mx.int32), drafter.reads(cache),
                                drafter.masks(cache))
-        return np.array(drafter.draft(x, g, cache, k)).tolist(), np.array(eager).tolist()
+        return np.array(drafter.draft(target, x, g, cache, k)).tolist(), np.array(eager).tolist()
 
     sizes = set()
     for n in range(250, 259):  # the full layers' buffer grows past GROW_STEP = 256 cached positions
@@ -272,18 +272,18 @@ class Slow:
     """A model whose calls cost `seconds` more (host time, in the round's time): fixed costs of any size."""
 
     def __init__(self, model, seconds):
-        self.model, self.seconds = model, seconds
+        self.wrapped, self.seconds = model, seconds
 
     def __call__(self, *args, **kw):
         time.sleep(self.seconds)
-        return self.model(*args, **kw)
+        return self.wrapped(*args, **kw)
 
     def draft(self, *args, **kw):
         time.sleep(self.seconds)
-        return self.model.draft(*args, **kw)
+        return self.wrapped.draft(*args, **kw)
 
     def __getattr__(self, name):
-        return getattr(self.model, name)
+        return getattr(self.wrapped, name)
 
 
 def test_auto_draft_length_drafts_when_drafts_are_right(pair, hf_dir):
@@ -389,7 +389,7 @@ def _hf_rule_round(target, drafter, cache, x, g, k, params, key):
     from gemma_mlx.sampling import processed_logits
     from gemma_mlx.speculative import RoundResult
 
-    drafts = drafter.draft(x, g, cache, k)
+    drafts = drafter.draft(target, x, g, cache, k)
     logits, hidden = target(mx.concatenate([x, drafts.astype(x.dtype)], axis=1), cache)
     p = mx.softmax(processed_logits(logits, params), axis=-1)
     q = mx.full(p[:, :k].shape, 1.0 / p.shape[-1])  # a random drafter's raw distribution is ~uniform
@@ -406,7 +406,7 @@ def _hf_rule_round(target, drafter, cache, x, g, k, params, key):
     emitted = [d[b, :n[b]].tolist() + [int(f[b, n[b]])] for b in range(len(n))]
     nx = mx.array([[e[-1]] for e in emitted], dtype=x.dtype)
     ng = mx.take_along_axis(hidden, mx.array(n, dtype=mx.int32)[:, None, None], axis=1)
-    return RoundResult(emitted, k, 0.0), nx, ng
+    return RoundResult(emitted, k), nx, ng
 
 
 @pytest.mark.slow

@@ -38,6 +38,12 @@ ASSISTANTS = {  # a known target finds its MTP assistant by name
 }
 VERBOSE = False
 
+# options that chat and generate share
+MODEL = typer.Option(None, "--model", "-m", help=f"Target dir or hub id \\[default: {DEFAULT_MODEL}].")
+DRAFT_TOKENS = typer.Option("auto", "--draft-tokens", "-k", help="Drafted tokens per round: N or auto.")
+TEMP = typer.Option(0.0, "--temp", help="Sampling temperature (0 = greedy).")
+TOP_P = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold.")
+
 
 class UserError(Exception):
     """Shown as one red line; exit code 1."""

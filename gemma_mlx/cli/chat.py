@@ -9,7 +9,10 @@ from typing import Optional
 import typer
 
 from . import (
-    DEFAULT_MODEL,
+    DRAFT_TOKENS,
+    MODEL,
+    TEMP,
+    TOP_P,
     UserError,
     app,
     check_sampling,
@@ -68,12 +71,12 @@ def stream_reply(engine, messages: list, ctrl_c: CtrlC, **kwargs):
 @app.command()
 @user_errors
 def chat(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Target dir or hub id \\[default: {DEFAULT_MODEL}]."),
+    model: Optional[str] = MODEL,
     drafter: Optional[str] = typer.Option(None, "--drafter", "-d", help="Drafter dir or hub id, or 'none'. "
                                           "Default: the target's known assistant."),
-    draft_tokens: str = typer.Option("auto", "--draft-tokens", "-k", help="Drafted tokens per round: N or auto."),
-    temp: float = typer.Option(0.0, "--temp", help="Sampling temperature (0 = greedy)."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold."),
+    draft_tokens: str = DRAFT_TOKENS,
+    temp: float = TEMP,
+    top_p: float = TOP_P,
     max_tokens: int = typer.Option(1024, "--max-tokens", help="Longest reply, in tokens."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
     demo: bool = typer.Option(False, "--demo", help="Chat with the demo pair (Gemma 3 270M + its distilled "

@@ -10,7 +10,10 @@ import typer
 from rich.table import Table
 
 from . import (
-    DEFAULT_MODEL,
+    DRAFT_TOKENS,
+    MODEL,
+    TEMP,
+    TOP_P,
     UserError,
     _on_cpu,
     app,
@@ -31,13 +34,13 @@ from . import (
 def generate(
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The prompt."),
     prompts_file: Optional[Path] = typer.Option(None, "--prompts-file", help="One prompt per line."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Target dir or hub id \\[default: {DEFAULT_MODEL}]."),
+    model: Optional[str] = MODEL,
     drafter: Optional[str] = typer.Option(None, "--drafter", "-d", help="Drafter dir or hub id, or 'none'."),
-    draft_tokens: str = typer.Option("auto", "--draft-tokens", "-k", help="Drafted tokens per round: N or auto."),
-    temp: float = typer.Option(0.0, "--temp", help="Sampling temperature (0 = greedy)."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold."),
-    max_tokens: int = typer.Option(256, "--max-tokens", help="Most new tokens per prompt."),
+    draft_tokens: str = DRAFT_TOKENS,
+    temp: float = TEMP,
+    top_p: float = TOP_P,
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling."),
+    max_tokens: int = typer.Option(256, "--max-tokens", help="Most new tokens per prompt."),
     chat_template: bool = typer.Option(True, "--chat/--raw", help="Wrap prompts in the chat template (default) "
                                        "or feed them raw."),
     batch_size: int = typer.Option(1, "--batch-size", "-b", help="Prompts decoded together (batch mode)."),

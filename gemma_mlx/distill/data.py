@@ -107,7 +107,7 @@ def generation_picks(n_prompts: int, b: int, size: int, seed: int) -> tuple[list
 def generate_batch_sequences(engine, prompt_ids: list[list[int]], b: int, size: int, max_new: int,
                              seed: int) -> list[list[int]]:
     """Generation batch b: `size` prompts continued by the target (`generation_picks`)."""
-    from ..batch import generate_batch
+    from ..generate import generate_batch
 
     idx, temp = generation_picks(len(prompt_ids), b, size, seed)
     picks = [prompt_ids[i] for i in idx]

@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..models.base import FULL, SLIDING
-from ..models.gemma4_assistant import Drafter, DrafterConfig, PairError
+from ..models.gemma4_assistant import Drafter, DrafterConfig, PairError, check_pair
 from .options import DistillError, Options, Reporter
 
 
@@ -62,7 +62,7 @@ def new_drafter(target, raw: dict, seed: int, report: Reporter) -> Drafter:
     """A drafter for `target` with the table projected from the target's embedding and a balanced centroid head."""
     drafter = Drafter(DrafterConfig.from_dict(raw))
     try:
-        drafter.bind(target)
+        check_pair(target.config, drafter.config)
     except PairError as e:
         raise DistillError(f"cannot build a drafter for this target: {e}") from None
     cfg = drafter.config

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from ..cache import KV, attention_mask
+from ..cache import attention_mask
 from ..models.base import SLIDING
 from ..models.gemma4_assistant import Drafter
 from .data import Batch
@@ -32,16 +32,12 @@ def drafter_steps(drafter: Drafter, target, batch: Batch, k: int) -> list[mx.arr
     T = N - 1
     tokens = mx.concatenate([batch.tokens, mx.zeros((B, k), mx.int32)], axis=1)
     masks = training_masks(drafter, N)
-    kv = {t: KV(*batch.kv[t]) for t in masks}  # the teacher-forced K/V
     offset = mx.ones((B,), dtype=mx.int32)  # row b's queries are positions 1…N−1
     g = batch.hidden[:, :T]
     out = []
     for j in range(k):
-        h = drafter.pre_projection(mx.concatenate([target.model.embed(tokens[:, 1 + j : 1 + j + T]), g], axis=-1))
-        for layer in drafter.model.layers:
-            h = layer(h, offset, kv[layer.layer_type], masks[layer.layer_type])
-        h = drafter.model.norm(h)
-        g = drafter.post_projection(h)
+        h, g = drafter.forward_positions(mx.concatenate([target.model.embed(tokens[:, 1 + j : 1 + j + T]), g], axis=-1),
+                                         offset, batch.kv, masks)
         out.append(h)
     return out
 

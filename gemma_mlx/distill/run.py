@@ -29,11 +29,14 @@ def acceptance(engine, drafter: Drafter, prompt_ids: list[list[int]], k: int, ma
     """Greedy speculative rounds (batch mode, K fixed) over held-out prompts: acceptance per draft position
     (P(draft j accepted | drafts before it accepted)), the share of rounds reaching j accepted drafts, tokens per
     round; and whether the output equals plain greedy decoding (it must)."""
-    from ..batch import generate_batch
+    from ..decode import Decoder
+    from ..draft_length import DraftLength
 
-    engine.drafter = drafter
     t0 = time.perf_counter()
-    spec = generate_batch(engine, prompt_ids, max_tokens=max_tokens, draft_tokens=k)
+    decoder = Decoder(engine.target, drafter, draft=DraftLength(fixed=k), eos_ids=engine.eos_ids)
+    spec = [decoder.add(p, max_tokens) for p in prompt_ids]
+    while decoder.rows:
+        decoder.step()
     seconds = time.perf_counter() - t0
     tried = np.sum([r.stats.attempted_by_position[:k] for r in spec], axis=0)
     hit = np.sum([r.stats.accepted_by_position[:k] for r in spec], axis=0)
@@ -151,7 +154,7 @@ def data_summary(state: dict) -> dict:
 def init_or_resume(run: Prepared, work: Path, report: Reporter) -> tuple[Drafter, dict]:
     """A new drafter and a fresh work dir, or the checkpoint's drafter and state."""
     if run.opts.resume:
-        drafter = Drafter(DrafterConfig.from_dict(run.raw)).bind(run.engine.target)
+        drafter = Drafter(DrafterConfig.from_dict(run.raw))
         load_drafter_weights(drafter, work / "drafter.safetensors")
         return drafter, json.loads((work / "state.json").read_text())
     if work.exists():

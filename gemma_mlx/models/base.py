@@ -5,6 +5,8 @@ layer-type names and ConfigError."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
+from typing import Optional
 from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
@@ -17,6 +19,57 @@ SLIDING, FULL = "sliding_attention", "full_attention"
 
 class ConfigError(ValueError):
     """A config that gemma-mlx cannot run; the message is one line meant for the user."""
+
+
+@dataclass
+class FamilyConfig:
+    """What the families' config dataclasses share: the fields whose transformers 5.23.0 defaults are the same in
+    `Gemma3TextConfig` and `Gemma4TextConfig`, and `from_dict`, which keeps the fields the class knows and resolves
+    the rest against transformers' defaults (`_resolve`), refusing what the runtime cannot run."""
+
+    hidden_size: int = 2304
+    intermediate_size: int = 9216
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 4
+    head_dim: int = 256
+    hidden_activation: str = "gelu_pytorch_tanh"
+    max_position_embeddings: int = 131_072
+    rms_norm_eps: float = 1e-6
+    pad_token_id: Optional[int] = 0
+    eos_token_id: object = 1
+    bos_token_id: Optional[int] = 2
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False
+    layer_types: Optional[list] = None
+    final_logit_softcapping: Optional[float] = None
+
+    MODEL_TYPE = ""
+
+    @classmethod
+    def from_dict(cls, raw: dict):
+        known = {f.name for f in fields(cls)}
+        cfg = cls(**{k: v for k, v in raw.items() if k in known})
+        cfg.model_type = cls.MODEL_TYPE
+        cfg._resolve(dict(raw))
+        return cfg
+
+    def _resolve_common(self, pattern: int, family: str):
+        """Layer types (by default every `pattern`-th layer full, as HF), EOS ids as a list, and the checks both
+        families make."""
+        n = self.num_hidden_layers
+        if self.layer_types is None:
+            self.layer_types = [SLIDING if (i + 1) % pattern else FULL for i in range(n)]
+        self.layer_types = list(self.layer_types)
+        if len(self.layer_types) != n:
+            raise ConfigError(f"layer_types has {len(self.layer_types)} entries for {n} layers")
+        if bad := set(self.layer_types) - {SLIDING, FULL}:
+            raise ConfigError(f"unknown layer type {sorted(bad)[0]!r}")
+        if isinstance(self.eos_token_id, int):
+            self.eos_token_id = [self.eos_token_id]
+        if self.attention_bias:
+            raise ConfigError(f"attention_bias=true is not a {family} checkpoint")
+        if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
+            raise ConfigError(f"hidden_activation {self.hidden_activation!r} is not supported")
 
 
 # On the CPU backend MLX runs mx.fast.rms_norm and mx.fast.rope as their reference graphs of small ops (they are fused
@@ -87,8 +140,8 @@ class RMSNorm(nn.RMSNorm):
 
 
 class RoPE(nn.Module):
-    """Non-interleaved RoPE; `proportional` rotates the first p·D/2 pairs with exponents over the full D and
-    leaves the rest unrotated, expressed as `inf` periods."""
+    """Non-interleaved RoPE; `linear` divides positions by `factor` (periods × factor); `proportional` rotates the
+    first p·D/2 pairs with exponents over the full D and leaves the rest unrotated, expressed as `inf` periods."""
 
     def __init__(self, params: dict, head_dim: int):
         super().__init__()
@@ -98,14 +151,35 @@ class RoPE(nn.Module):
             pairs = int(params.get("partial_rotary_factor", 1.0) * head_dim // 2)
             rotated = factor * base ** (mx.arange(0, 2 * pairs, 2, dtype=mx.float32) / head_dim)
             self._freqs = mx.concatenate([rotated, mx.full((head_dim // 2 - pairs,), mx.inf)])
-        elif kind == "default" and params.get("partial_rotary_factor", 1.0) == 1.0:
-            self._freqs = base ** (mx.arange(0, head_dim, 2, dtype=mx.float32) / head_dim)
+        elif kind in ("default", "linear") and params.get("partial_rotary_factor", 1.0) == 1.0:
+            scale = factor if kind == "linear" else 1.0
+            self._freqs = scale * base ** (mx.arange(0, head_dim, 2, dtype=mx.float32) / head_dim)
         else:
             raise ConfigError(f"rope {params} is not supported")
         mx.eval(self._freqs)  # a constant: evaluate now, so any thread can use it (MLX streams are per thread)
 
     def __call__(self, x: mx.array, offset: mx.array) -> mx.array:
         return rope(x, offset, self._freqs)
+
+
+def attend(q: mx.array, cache, mask, scale: float) -> mx.array:
+    """Attention of q [B, heads, T, D] over what the layer's cache view holds -> [B, T, heads·D]."""
+    keys, values = cache.view()
+    o = mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
+    return o.transpose(0, 2, 1, 3).reshape(q.shape[0], q.shape[2], -1)
+
+
+def sandwich_norms(layer: nn.Module, hidden: int, eps: float, norm=RMSNorm):
+    """The four norms around a Gemma layer's attention and MLP."""
+    for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                 "post_feedforward_layernorm"):
+        setattr(layer, name, norm(hidden, eps))
+
+
+def scaled_embedding(table: nn.Module, tokens: mx.array, hidden: int) -> mx.array:
+    """E[x]·√H, the scale rounded to the weight dtype as in HF (the targets' input, and the drafter's)."""
+    e = table(tokens)
+    return e * mx.array(math.sqrt(hidden), dtype=e.dtype)
 
 
 class MLP(nn.Module):
@@ -129,8 +203,14 @@ def cache_for(config, batch: int = 1, chunk: int = 256) -> TargetCache:
 
 class CausalLM(nn.Module):
     """What the engine needs from a target family (gemma4_text.py, gemma3_text.py): `(logits, final-norm
-    hidden) = target(tokens, cache)`, its cache and chunked prefill. Subclasses set `config`, `model` (with
-    `embed_tokens` and `embed`) and `lm_head` when the head is untied."""
+    hidden) = target(tokens, cache)`, its cache and chunked prefill. A family gives its config and its model (with
+    `embed_tokens` and `embed`)."""
+
+    def __init__(self, config, model: nn.Module):
+        super().__init__()
+        self.config, self.model = config, model
+        if not config.tie_word_embeddings:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def __call__(self, tokens: mx.array, cache: TargetCache, last_only: bool = False):
         hidden = self.model(tokens, cache)

@@ -14,8 +14,7 @@ What differs from Gemma 4 (transformers 5.23 `modeling_gemma3.py`):
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Optional
 
@@ -23,13 +22,14 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..cache import Span, TargetCache
-from .base import FULL, MLP, SLIDING, CausalLM, ConfigError, Embedding, Linear, rope
+from .base import (FULL, MLP, SLIDING, CausalLM, ConfigError, Embedding, FamilyConfig, Linear, RoPE, attend,
+                   sandwich_norms, scaled_embedding)
 
 DROPPED_PREFIXES = ("vision_tower.", "multi_modal_projector.")
 
 
 @dataclass
-class Gemma3Config:
+class Gemma3Config(FamilyConfig):
     """A Gemma 3 text stack; defaults are transformers 5.23.0's `Gemma3TextConfig` defaults.
 
     Provides the geometry TextConfig provides (layer_types, sliding_window, first_shared_layer, producer_for,
@@ -39,58 +39,22 @@ class Gemma3Config:
 
     model_type: str = "gemma3_text"
     vocab_size: int = 262_208
-    hidden_size: int = 2304
-    intermediate_size: int = 9216
     num_hidden_layers: int = 26
-    num_attention_heads: int = 8
-    num_key_value_heads: int = 4
-    head_dim: int = 256
-    hidden_activation: str = "gelu_pytorch_tanh"
-    max_position_embeddings: int = 131_072
-    rms_norm_eps: float = 1e-6
-    pad_token_id: Optional[int] = 0
-    eos_token_id: object = 1
-    bos_token_id: Optional[int] = 2
-    tie_word_embeddings: bool = True
     rope_parameters: Optional[dict] = None
-    attention_bias: bool = False
     query_pre_attn_scalar: float = 256
     sliding_window: int = 4096
-    layer_types: Optional[list] = None
-    final_logit_softcapping: Optional[float] = None
     attn_logit_softcapping: Optional[float] = None
     use_bidirectional_attention: bool = False
 
-    @classmethod
-    def from_dict(cls, raw: dict) -> "Gemma3Config":
-        raw = dict(raw)
-        known = {f.name for f in fields(cls)}
-        cfg = cls(**{k: v for k, v in raw.items() if k in known})
-        cfg.model_type = "gemma3_text"
-        cfg._resolve(raw)
-        return cfg
+    MODEL_TYPE = "gemma3_text"
 
     def _resolve(self, raw: dict):
-        n = self.num_hidden_layers
-        if self.layer_types is None:  # HF: every `sliding_window_pattern`-th layer is full (default 6)
-            pattern = raw.get("sliding_window_pattern", 6)
-            self.layer_types = [SLIDING if (i + 1) % pattern else FULL for i in range(n)]
-        self.layer_types = list(self.layer_types)
-        if len(self.layer_types) != n:
-            raise ConfigError(f"layer_types has {len(self.layer_types)} entries for {n} layers")
-        if bad := set(self.layer_types) - {SLIDING, FULL}:
-            raise ConfigError(f"unknown layer type {sorted(bad)[0]!r}")
+        self._resolve_common(raw.get("sliding_window_pattern", 6), "Gemma 3")  # HF: every 6th layer full
         self.rope_parameters = _resolve_rope(self.rope_parameters, raw)
-        if isinstance(self.eos_token_id, int):
-            self.eos_token_id = [self.eos_token_id]
         if self.use_bidirectional_attention:
             raise ConfigError("use_bidirectional_attention=true is an embedding model, not a causal LM")
         if self.attn_logit_softcapping is not None:
             raise ConfigError("attn_logit_softcapping is not supported (a Gemma 2 feature; Gemma 3 sets none)")
-        if self.attention_bias:
-            raise ConfigError("attention_bias=true is not a Gemma 3 checkpoint")
-        if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
-            raise ConfigError(f"hidden_activation {self.hidden_activation!r} is not supported")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(f"{self.num_attention_heads} heads do not share {self.num_key_value_heads} KV heads")
 
@@ -195,19 +159,6 @@ def _one_plus_w_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
     return mx.fast.rms_norm(x.astype(mx.float32), 1.0 + weight.astype(mx.float32), eps).astype(x.dtype)
 
 
-class RoPE(nn.Module):
-    """Non-interleaved RoPE over the whole head; `linear` divides positions by `factor` (periods × factor)."""
-
-    def __init__(self, params: dict, head_dim: int):
-        super().__init__()
-        factor = params.get("factor", 1.0) if params["rope_type"] == "linear" else 1.0
-        self._freqs = factor * params["rope_theta"] ** (mx.arange(0, head_dim, 2, dtype=mx.float32) / head_dim)
-        mx.eval(self._freqs)  # a constant: evaluate now, so any thread can use it (MLX streams are per thread)
-
-    def __call__(self, x: mx.array, offset: mx.array) -> mx.array:
-        return rope(x, offset, self._freqs)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: Gemma3Config, i: int):
         super().__init__()
@@ -227,9 +178,7 @@ class Attention(nn.Module):
         q = self.rope(self.q_norm(self.q_proj(x).reshape(B, T, self.n_heads, -1)).transpose(0, 2, 1, 3), offset)
         k = self.rope(self.k_norm(self.k_proj(x).reshape(B, T, self.n_kv, -1)).transpose(0, 2, 1, 3), offset)
         cache.write(k, self.v_proj(x).reshape(B, T, self.n_kv, -1).transpose(0, 2, 1, 3))
-        keys, values = cache.view()
-        o = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask=mask)
-        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, -1))
+        return self.o_proj(attend(q, cache, mask, self.scale))
 
 
 class DecoderLayer(nn.Module):
@@ -241,10 +190,7 @@ class DecoderLayer(nn.Module):
         self.layer_type = cfg.layer_types[i]
         self.self_attn = Attention(cfg, i)
         self.mlp = MLP(H, cfg.intermediate_size)
-        self.input_layernorm = RMSNorm(H, eps)
-        self.post_attention_layernorm = RMSNorm(H, eps)
-        self.pre_feedforward_layernorm = RMSNorm(H, eps)
-        self.post_feedforward_layernorm = RMSNorm(H, eps)
+        sandwich_norms(self, H, eps, RMSNorm)
 
     def __call__(self, h, offset, cache, mask):
         h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), offset, cache, mask))
@@ -260,9 +206,7 @@ class Gemma3TextModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def embed(self, tokens: mx.array) -> mx.array:
-        """E[x]·√H, the scale rounded to the weight dtype as in HF (also what a drafter would read)."""
-        e = self.embed_tokens(tokens)
-        return e * mx.array(math.sqrt(self.cfg.hidden_size), dtype=e.dtype)
+        return scaled_embedding(self.embed_tokens, tokens, self.cfg.hidden_size)
 
     def __call__(self, tokens: mx.array, cache: TargetCache) -> mx.array:
         T = tokens.shape[1]
@@ -280,19 +224,11 @@ class Gemma3Target(CausalLM):
     """`(logits, final-norm hidden) = target(tokens, cache)`, as target.Target."""
 
     def __init__(self, cfg: Gemma3Config):
-        super().__init__()
-        self.config = cfg
-        self.model = Gemma3TextModel(cfg)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        super().__init__(cfg, Gemma3TextModel(cfg))
 
     def sanitize(self, weights: dict) -> dict:
         """Accept the HF layouts too (see `hf_key`)."""
         return {name: v for k, v in weights.items() if (name := hf_key(k, self.config)) is not None}
-
-    @classmethod
-    def from_config_dict(cls, raw: dict) -> "Gemma3Target":
-        return cls(config_of(raw))
 
 
 Model = Gemma3Target

@@ -95,6 +95,9 @@ class MaskedEmbedding(nn.Module):
 
 
 class Drafter(nn.Module):
+    """The drafter: its weights and forward. It holds no target and no cache: `draft` is given the target, whose
+    token embedding and cache it reads (check_pair says whether it can)."""
+
     def __init__(self, cfg: DrafterConfig):
         super().__init__()
         self.config = cfg
@@ -104,19 +107,22 @@ class Drafter(nn.Module):
         self.model = AssistantModel(cfg)
         if cfg.use_ordered_embeddings:
             self.masked_embedding = MaskedEmbedding(cfg)
-
-    def step(self, x: mx.array, g: mx.array, offset: mx.array, kv: dict, masks: dict):
-        """One drafter call: x [B, 1] token at position `offset`, g [B, 1, H] -> (h_n [B, d], g' [B, 1, H]).
-        `kv` and `masks`: what `reads(cache)` and `masks(cache)` return."""
-        return self.forward(mx.concatenate([self._target.model.embed(x), g], axis=-1), offset, kv, masks)
+        self._compiled = {}  # (K, the target's embedding) -> the compiled draft loop; "_": not a parameter
 
     def forward(self, u: mx.array, offset: mx.array, kv: dict, masks: dict):
-        """The assistant forward from its input u = [E_target[x]·√H, g] ([B, 1, 2H])."""
+        """The assistant forward from its input u = [E_target[x]·√H, g] at one query position ([B, 1, 2H]) ->
+        (h_n [B, d], g' [B, 1, H]). `kv` and `masks`: what `reads(cache)` and `masks(cache)` return."""
+        h, g = self.forward_positions(u, offset, kv, masks)
+        return h[:, 0], g
+
+    def forward_positions(self, u: mx.array, offset: mx.array, kv: dict, masks: dict):
+        """The same at T query positions at once, all at RoPE offset `offset` ([B, T, 2H] -> [B, T, d], [B, T, H]):
+        distillation runs a step from every position of a sequence in one call."""
         h = self.pre_projection(u)
         for layer in self.model.layers:
             h = layer(h, offset, KV(*kv[layer.layer_type]), masks[layer.layer_type])
         h = self.model.norm(h)
-        return h[:, 0], self.post_projection(h)
+        return h, self.post_projection(h)
 
     def greedy(self, h: mx.array) -> mx.array:
         """The drafted token [B] (drafts are greedy at any temperature: a point-mass proposal, docs/design.md)."""
@@ -134,29 +140,33 @@ class Drafter(nn.Module):
         out = mx.full((h.shape[0], self.config.text.vocab_size), logits.min() - 1.0, dtype=logits.dtype)
         return mx.put_along_axis(out, buckets, logits, axis=-1)
 
-    def draft(self, x: mx.array, g: mx.array, cache: TargetCache, k: int) -> mx.array:
-        """K greedy drafts [B, K] after token x [B, 1] (not yet in the cache), from g = the target's final-norm
-        hidden at the position before x. Lazy: nothing is evaluated, so drafting and verification form one graph."""
+    def draft(self, target: Target, x: mx.array, g: mx.array, cache: TargetCache, k: int) -> mx.array:
+        """K greedy drafts [B, K] after token x [B, 1] (not yet in `target`'s cache), from g = the target's final-norm
+        hidden at the position before x; the drafter reads the target's token embedding and cache. Lazy: nothing is
+        evaluated, so drafting and verification form one graph."""
         if k == 0:
             return mx.zeros((x.shape[0], 0), mx.int32)
         offset = mx.array(cache.lengths, dtype=mx.int32)  # p = L−1 for every step of the round
-        return self._compiled_steps(k)(x, g, offset, self.reads(cache), self.masks(cache))
+        return self._compiled_steps(k, target)(x, g, offset, self.reads(cache), self.masks(cache))
 
-    def _steps(self, k: int, x: mx.array, g: mx.array, offset: mx.array, kv: dict, masks: dict) -> mx.array:
+    def _steps(self, k: int, embed, x: mx.array, g: mx.array, offset: mx.array, kv: dict, masks: dict) -> mx.array:
+        """K chained steps; `embed`: the target's scaled token embedding (E[x]·√H)."""
         drafts = []
         for _ in range(k):
-            h, g = self.step(x, g, offset, kv, masks)
+            h, g = self.forward(mx.concatenate([embed(x), g], axis=-1), offset, kv, masks)
             x = self.greedy(h)[:, None].astype(mx.int32)
             drafts.append(x)
         return mx.concatenate(drafts, axis=1)
 
-    def _compiled_steps(self, k: int):
-        """`_steps` for this K, compiled once; the weights (the drafter's and the target's embedding) are read
-        at each call, so a drafter being trained or reloaded is never stale."""
-        if k not in self._compiled:
-            state = [self, self._target.model.embed_tokens]  # the modules themselves: updates are seen
-            self._compiled[k] = mx.compile(partial(self._steps, k), inputs=state)
-        return self._compiled[k]
+    def _compiled_steps(self, k: int, target: Target):
+        """`_steps` for this K and target, compiled once; the weights (the drafter's and the target's embedding)
+        are read at each call, so a drafter being trained or reloaded is never stale. The compiled function holds
+        the embedding it was built for, so its id in the key is never reused while the entry lives."""
+        table = target.model.embed_tokens
+        key = (k, id(table))
+        if key not in self._compiled:
+            self._compiled[key] = mx.compile(partial(self._steps, k, target.model.embed), inputs=[self, table])
+        return self._compiled[key]
 
     def reads(self, cache: TargetCache) -> dict:
         """K/V each drafter layer type attends to: the target's last producer of that type, whole buffers, in
@@ -176,20 +186,9 @@ class Drafter(nn.Module):
     def layer_types(self) -> set:
         return {layer.layer_type for layer in self.model.layers}
 
-    def bind(self, target: Target) -> "Drafter":
-        """Attach the target whose embedding and cache this drafter reads (kept out of the parameter tree)."""
-        check_pair(target.config, self.config)
-        object.__setattr__(self, "_target", target)
-        object.__setattr__(self, "_compiled", {})
-        return self
-
     def sanitize(self, weights: dict) -> dict:
         return {k: v.astype(mx.int32) if k.endswith("token_ordering") else v for k, v in weights.items()
                 if k != "lm_head.weight"}
-
-    @classmethod
-    def from_config_dict(cls, raw: dict) -> "Drafter":
-        return cls(config_of(raw))
 
 
 class PairError(ValueError):
@@ -197,7 +196,7 @@ class PairError(ValueError):
 
 
 def check_pair(t, a: DrafterConfig):
-    """PairError unless a drafter of config `a` can read a target of config `t` (a TextConfig or Gemma3Config)."""
+    """Called wherever a drafter is paired with a target (loading, distillation). PairError unless a drafter of config `a` can read a target of config `t` (a TextConfig or Gemma3Config)."""
     if a.backbone_hidden_size != t.hidden_size:
         raise PairError(f"drafter backbone_hidden_size {a.backbone_hidden_size} != target hidden_size {t.hidden_size}")
     if a.text.vocab_size != t.vocab_size:

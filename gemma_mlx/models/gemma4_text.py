@@ -13,7 +13,7 @@ forward returns (logits, final-norm hidden states), the hidden state being the d
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import mlx.core as mx
@@ -21,7 +21,8 @@ import mlx.nn as nn
 from mlx_lm.models.gemma4_text import Router
 
 from ..cache import Span, TargetCache
-from .base import FULL, MLP, SLIDING, CausalLM, ConfigError, Embedding, Linear, RMSNorm, RoPE, geglu, rms_norm
+from .base import (FULL, MLP, SLIDING, CausalLM, ConfigError, Embedding, FamilyConfig, Linear, RMSNorm, RoPE, attend,
+                   geglu, rms_norm, sandwich_norms, scaled_embedding)
 from .moe import Experts
 
 WRAPPERS = ("gemma4", "gemma4_unified")  # multimodal wrappers: the text stack under text_config
@@ -35,31 +36,16 @@ def _default_rope():
 
 
 @dataclass
-class TextConfig:
+class TextConfig(FamilyConfig):
     """A Gemma 4 text stack (`gemma4_text`); defaults are transformers 5.23.0's `Gemma4TextConfig` defaults."""
 
     model_type: str = "gemma4_text"
     vocab_size: int = 262_144
-    hidden_size: int = 2304
-    intermediate_size: int = 9216
     num_hidden_layers: int = 30
-    num_attention_heads: int = 8
-    num_key_value_heads: int = 4
-    head_dim: int = 256
     global_head_dim: int = 512
     num_global_key_value_heads: Optional[int] = None
-    hidden_activation: str = "gelu_pytorch_tanh"
-    max_position_embeddings: int = 131_072
-    rms_norm_eps: float = 1e-6
-    pad_token_id: Optional[int] = 0
-    eos_token_id: object = 1
-    bos_token_id: Optional[int] = 2
-    tie_word_embeddings: bool = True
     rope_parameters: dict = field(default_factory=_default_rope)
-    attention_bias: bool = False
     sliding_window: int = 512
-    layer_types: Optional[list] = None
-    final_logit_softcapping: Optional[float] = None
     use_bidirectional_attention: Optional[str] = None
     vocab_size_per_layer_input: int = 262_144
     hidden_size_per_layer_input: int = 256
@@ -71,37 +57,18 @@ class TextConfig:
     top_k_experts: Optional[int] = None
     moe_intermediate_size: Optional[int] = None
 
-    @classmethod
-    def from_dict(cls, raw: dict) -> "TextConfig":
-        raw = dict(raw)
-        known = {f.name for f in fields(cls)}
-        cfg = cls(**{k: v for k, v in raw.items() if k in known})
-        cfg.model_type = "gemma4_text"
-        cfg._resolve(raw)
-        return cfg
+    MODEL_TYPE = "gemma4_text"
 
     def _resolve(self, raw: dict):
         n = self.num_hidden_layers
-        if self.layer_types is None:  # HF default pattern: 5 sliding : 1 full
-            self.layer_types = [SLIDING if (i + 1) % 6 else FULL for i in range(n)]
-        self.layer_types = list(self.layer_types)
-        if len(self.layer_types) != n:
-            raise ConfigError(f"layer_types has {len(self.layer_types)} entries for {n} layers")
-        if bad := set(self.layer_types) - {SLIDING, FULL}:
-            raise ConfigError(f"unknown layer type {sorted(bad)[0]!r}")
+        self._resolve_common(6, "Gemma 4")  # HF default pattern: 5 sliding : 1 full
         self.layer_types[-1] = FULL  # HF forces the last layer to full attention
         rope = _default_rope()
         rope.update(self.rope_parameters or {})
         self.rope_parameters = rope
-        if isinstance(self.eos_token_id, int):
-            self.eos_token_id = [self.eos_token_id]
         self._resolve_per_layer_config(raw.get("per_layer_config"))
         if self.use_bidirectional_attention == "all":
             raise ConfigError("use_bidirectional_attention='all' is an embedding model, not a causal LM")
-        if self.attention_bias:
-            raise ConfigError("attention_bias=true is not a Gemma 4 checkpoint")
-        if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
-            raise ConfigError(f"hidden_activation {self.hidden_activation!r} is not supported")
         if self.enable_moe_block and not (self.num_experts and self.top_k_experts and self.moe_intermediate_size):
             raise ConfigError("enable_moe_block needs num_experts, top_k_experts and moe_intermediate_size")
         if not 0 <= self.num_kv_shared_layers <= n:
@@ -215,9 +182,7 @@ class Attention(nn.Module):
             k = self.rope(self.k_norm(k).transpose(0, 2, 1, 3), offset)
             v = rms_norm(v, None, self.eps).transpose(0, 2, 1, 3)  # v_norm has no weight
             cache.write(k, v)
-        keys, values = cache.view()
-        o = mx.fast.scaled_dot_product_attention(q, keys, values, scale=1.0, mask=mask)
-        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, -1))
+        return self.o_proj(attend(q, cache, mask, 1.0))
 
 
 class DecoderLayer(nn.Module):
@@ -229,10 +194,7 @@ class DecoderLayer(nn.Module):
         self.layer_type = cfg.layer_types[i]
         self.self_attn = Attention(cfg, i)
         self.mlp = MLP(H, cfg.mlp_size(i))
-        self.input_layernorm = RMSNorm(H, eps=eps)
-        self.post_attention_layernorm = RMSNorm(H, eps=eps)
-        self.pre_feedforward_layernorm = RMSNorm(H, eps=eps)
-        self.post_feedforward_layernorm = RMSNorm(H, eps=eps)
+        sandwich_norms(self, H, eps)
         self.enable_moe = cfg.enable_moe_block
         if self.enable_moe:
             self.router = Router(cfg)
@@ -277,10 +239,7 @@ class Gemma4TextModel(nn.Module):
             self.per_layer_projection_norm = RMSNorm(P, eps=cfg.rms_norm_eps)
 
     def embed(self, tokens: mx.array) -> mx.array:
-        """The scaled token embedding E[x]·√H (also the drafter's input); the scale rounds to the weight dtype
-        as in HF."""
-        e = self.embed_tokens(tokens)
-        return e * mx.array(math.sqrt(self.cfg.hidden_size), dtype=e.dtype)
+        return scaled_embedding(self.embed_tokens, tokens, self.cfg.hidden_size)
 
     def per_layer_inputs(self, tokens: mx.array, e: mx.array) -> mx.array:
         """PLE: [B, T, N, P] = (norm(proj(e)·H^-½) + E_ple[x]·√P)·2^-½."""
@@ -311,19 +270,11 @@ class Target(CausalLM):
     """The Gemma 4 text target."""
 
     def __init__(self, cfg: TextConfig):
-        super().__init__()
-        self.config = cfg
-        self.model = Gemma4TextModel(cfg)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        super().__init__(cfg, Gemma4TextModel(cfg))
 
     def sanitize(self, weights: dict) -> dict:
         """Accept mlx-lm's `gemma4` wrapper layout too (an mlx-community checkpoint: `language_model.model.*`)."""
         return {k.removeprefix("language_model."): v for k, v in weights.items()}
-
-    @classmethod
-    def from_config_dict(cls, raw: dict) -> "Target":
-        return cls(config_of(raw))
 
 
 Model = Target

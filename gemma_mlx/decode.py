@@ -1,0 +1,255 @@
+"""The decode loop, for one sequence or a batch: each round `k = policy.choose()`, draft and verify (a
+speculative.Round), accept, and emit each row's tokens to its text stream (stops.py).
+
+Rows join between rounds and leave when they finish (EOS, a stop string, max_tokens), which is what a server needs.
+Every row has its own length, so its own RoPE offsets, masks and rollback (cache.py); a round is one drafter pass
+per draft step for all rows and one target forward over B×(K+1) tokens, with per-row acceptance. K is shared by the
+batch (draft_length.py). When a plain round (K = 0) is to be followed by another, the next one is started before
+the current one is read, so building it overlaps computing this one (as mlx-lm's generate does).
+
+    decoder = Decoder(target, drafter, eos_ids=..., tokenizer=...)
+    row = decoder.add(prompt_ids, max_tokens=64, stops=["###"])   # any time between rounds
+    while decoder.rows:
+        for done in decoder.step():                              # one round; the rows that finished
+            print(done.stream.text, done.finish_reason)
+
+A decoder over a `Session` decodes one row at a time in the session's cache, which keeps the prompt and the reply
+when the row finishes: the next turn of a conversation prefills only its new tokens.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import mlx.core as mx
+
+from .draft_length import DraftLength, RoundClock
+from .models.gemma4_assistant import Drafter
+from .models.gemma4_text import Target
+from .sampling import SamplingParams, verify_choices
+from .speculative import Round, Stats
+from .stops import TextStream
+
+
+class Session:
+    """A target cache and the tokens it holds, reused across turns: a prompt that extends what the cache holds
+    prefills only the new tokens."""
+
+    def __init__(self, target: Target, chunk: int = 256):
+        self.target = target
+        self.chunk = chunk
+        self.reset()
+
+    def reset(self):
+        self.cache = self.target.make_cache(1, self.chunk)
+        self.tokens: list[int] = []
+
+    def prefill(self, prompt: list[int]):
+        """Bring the cache to `prompt` (reusing the longest common prefix) and return the last position's
+        (logits, hidden) and how many tokens were run."""
+        common = 0
+        for a, b in zip(self.tokens, prompt):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(prompt) - 1, len(self.tokens))  # run at least one token to get its logits
+        if not self.cache.truncate(common):  # the rings no longer hold what the common prefix needs
+            self.reset()
+            common = 0
+        self.tokens = prompt[:common]
+        logits, hidden = self.target.prefill(mx.array([prompt[common:]]), self.cache)
+        self.tokens = list(prompt)
+        return logits, hidden, len(prompt) - common
+
+    def extend(self, tokens: list[int]):
+        """Tokens a round wrote into the cache."""
+        self.tokens.extend(tokens)
+
+    def keep(self, length: int):
+        """Forget the cached tokens past the first `length` (emitted past a row's end)."""
+        if len(self.tokens) > length:
+            self.cache.rollback(len(self.tokens) - length)
+            del self.tokens[length:]
+
+
+@dataclass
+class Row:
+    """One sequence: its prompt, stats, and its emitted tokens and text (`stream`: EOS, max_tokens and stop strings
+    applied); `finish_reason` is None while it runs, then "stop", "length" or "cancelled"."""
+
+    id: int
+    prompt: list
+    stream: TextStream
+    stats: Stats = field(default_factory=Stats)
+    cancelled: bool = False
+
+    @property
+    def tokens(self) -> list:
+        return self.stream.tokens
+
+    @property
+    def finish_reason(self) -> Optional[str]:
+        return "cancelled" if self.cancelled else self.stream.finish_reason
+
+
+class Decoder:
+    """Add rows, step rounds, collect finished rows."""
+
+    def __init__(self, target: Target, drafter: Drafter | None, params: SamplingParams = SamplingParams(),
+                 draft: DraftLength | None = None, eos_ids=frozenset(), tokenizer=None, chunk: int = 256,
+                 seed: int | None = None, session: Session | None = None):
+        self.target, self.drafter, self.params, self.eos_ids = target, drafter, params, frozenset(eos_ids)
+        self.draft = draft or DraftLength(fixed=0 if drafter is None else None)
+        if drafter is None and (self.draft.fixed or 0) > 0:
+            raise ValueError("draft tokens requested but no drafter is loaded")
+        self.tokenizer, self.chunk, self.session = tokenizer, chunk, session
+        self.cache = session.cache if session else target.make_cache(batch=0, chunk=chunk)
+        self.rows: list[Row] = []  # the rows in the batch, in cache-row order
+        self.finished: list[Row] = []  # rows finished since the last step (a row can finish at its first token)
+        self.x = self.g = None  # per row: last emitted token [B, 1], target hidden before it [B, 1, H]
+        self.queued: Round | None = None  # the next plain round, started before the last one was read
+        self.planned: int | None = None  # K chosen for the next round while the last one ran
+        self.clock = RoundClock()
+        self.key = mx.random.key(seed if seed is not None else int(time.time_ns() % 2**31))
+        self.ids = itertools.count()
+
+    def add(self, prompt: list[int], max_tokens: int, stops=()) -> Row:
+        """Prefill a new row and merge it into the batch (between rounds)."""
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        if not prompt:
+            raise ValueError("empty prompt")
+        if self.session and self.rows:
+            raise ValueError("a session decodes one row at a time")
+        self._drop_queued()  # it has no place for the new row
+        row = Row(next(self.ids), [int(t) for t in prompt], TextStream(self.tokenizer, self.eos_ids, stops, max_tokens))
+        row.stats.prompt_tokens = len(row.prompt)
+        t0 = time.perf_counter()
+        cache = self.cache if self.session else self.target.make_cache(batch=1, chunk=self.chunk)
+        logits, hidden, row.stats.prefill_tokens = self._prefill(row.prompt, cache)
+        _, first = verify_choices(logits, mx.zeros((1, 0), mx.int32), self.params, self._next_key())
+        first = first.astype(mx.int32)
+        row.stats.prefill_seconds = time.perf_counter() - t0
+        if self._emit(row, [int(first.item())]):
+            self.finished.append(row)
+            return row
+        if not self.session:
+            self.cache.extend_rows(cache)
+        self.x = first if self.x is None else mx.concatenate([self.x, first])
+        self.g = hidden if self.g is None else mx.concatenate([self.g, hidden])
+        self.rows.append(row)
+        self.clock.restart()
+        return row
+
+    def step(self) -> list[Row]:
+        """One round for every row; returns the rows that finished since the last step (they have left the batch)."""
+        if self.rows:
+            self._round()
+        done, self.finished = self.finished, []
+        return done
+
+    def follow(self, row: Row) -> Iterator[list[int]]:
+        """Step until `row` finishes, yielding its new tokens after its prefill and after every round. A consumer
+        that stops early cancels the row."""
+        sent = 0
+        try:
+            while True:
+                yield row.tokens[sent:]
+                if sent == 0:
+                    self.clock.restart()  # the consumer's first look at the row is not a round's time
+                sent = len(row.tokens)
+                if row.finish_reason is not None:
+                    return
+                self.step()
+        finally:
+            if row.finish_reason is None:
+                self.remove(row)
+
+    def remove(self, row: Row):
+        """Take a row out of the batch between rounds (a cancelled request); the tokens it has stay in `row`."""
+        row.cancelled = row.finish_reason is None
+        self._keep([i for i, r in enumerate(self.rows) if r is not row])
+
+    def _round(self):
+        room = [r.stream.max_tokens - len(r.tokens) for r in self.rows]
+        current, self.queued = self.queued or self._start(self._next_k(room), self.x, self.g), None
+        if current.k == 0 and max(room) > 1:
+            self.planned = self._choose(room)
+            if self.planned == 0:
+                self.queued, self.planned = self._start(0, *current.plain_next()), None
+        result, self.x, self.g = current.finish()
+        wall, seconds = self.clock.lap(current, self.queued)
+        self.draft.update(current.k, [len(t) - 1 for t in result.tokens], seconds)
+        for row, new in zip(self.rows, result.tokens):
+            row.stats.record(current.k, len(new) - 1)
+            row.stats.decode_seconds += wall
+            if self.session:
+                self.session.extend([row.tokens[-1]] + new[:-1])  # the last token and the accepted drafts
+            if self._emit(row, new):
+                self.finished.append(row)
+        self._keep([i for i, r in enumerate(self.rows) if r.finish_reason is None])
+
+    def _next_k(self, room: list[int]) -> int:
+        k = self._choose(room) if self.planned is None else self.planned
+        self.planned = None
+        return min(k, max(room) - 1)
+
+    def _choose(self, room: list[int]) -> int:
+        return 0 if self.drafter is None else self.draft.choose([r.stats for r in self.rows], room)
+
+    def _start(self, k: int, x: mx.array, g: mx.array) -> Round:
+        return Round(self.target, self.drafter, self.cache, x, g, k, self.params, self._next_key())
+
+    def _prefill(self, prompt: list[int], cache):
+        if self.session:
+            return self.session.prefill(prompt)
+        logits, hidden = self.target.prefill(mx.array([prompt]), cache)
+        return logits, hidden, len(prompt)
+
+    def _next_key(self):
+        self.key, sub = mx.random.split(self.key)
+        return sub
+
+    def _emit(self, row: Row, new: list[int]) -> bool:
+        """Hand a row's new tokens to its stream (EOS / max_tokens / a stop string end it); True when finished."""
+        done = row.stream.add(new)
+        row.stats.generated_tokens = len(row.tokens)
+        return done
+
+    def _keep(self, keep: list[int]):
+        if len(keep) == len(self.rows):
+            return
+        if self.session:  # its one row has finished: the session keeps the prompt and the reply but its last token
+            self._drop_queued()
+            row = self.rows[0]
+            self.session.keep(len(row.prompt) + len(row.tokens) - 1)
+            self.rows, self.x, self.g = [], None, None
+            return
+        self.cache.take_rows(keep)
+        if self.queued is not None:
+            self.queued.take_rows(keep)
+        idx = mx.array(keep, dtype=mx.int32)
+        self.x, self.g = self.x[idx], self.g[idx]
+        self.rows = [self.rows[i] for i in keep]
+
+    def _drop_queued(self):
+        """Forget the queued plain round: the position it wrote for each row is rolled back."""
+        if self.queued is not None:
+            self.cache.rollback(1)
+            self.queued = None
+
+
+def generate_tokens(target: Target, drafter: Drafter | None, session: Session, prompt: list[int], *,
+                    max_tokens: int, params: SamplingParams = SamplingParams(), draft: DraftLength | None = None,
+                    eos_ids: frozenset = frozenset(), seed: int | None = None):
+    """Yield (new tokens, stats) after the prefill and after every round, until EOS or max_tokens (an exact cap).
+
+    The cache ends holding the prompt and every emitted token but the last, so the next prompt of a conversation
+    reuses it (Session.prefill)."""
+    decoder = Decoder(target, drafter, params, draft, eos_ids, seed=seed, session=session)
+    row = decoder.add(prompt, max_tokens)
+    for new in decoder.follow(row):
+        yield new, row.stats
