@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import mlx.core as mx
+import numpy as np
 
 from .draft_length import DraftLength, RoundClock
 from .models.gemma4_assistant import Drafter
@@ -83,6 +84,7 @@ class Row:
     id: int
     prompt: list
     stream: TextStream
+    seed: int = 0
     stats: Stats = field(default_factory=Stats)
     cancelled: bool = False
 
@@ -113,11 +115,12 @@ class Decoder:
         self.queued: Round | None = None  # the next plain round, started before the last one was read
         self.planned: int | None = None  # K chosen for the next round while the last one ran
         self.clock = RoundClock()
-        self.key = mx.random.key(seed if seed is not None else int(time.time_ns() % 2**31))
+        self.seeds = np.random.default_rng(seed)  # seeds for the rows added without one
         self.ids = itertools.count()
 
-    def add(self, prompt: list[int], max_tokens: int, stops=()) -> Row:
-        """Prefill a new row and merge it into the batch (between rounds)."""
+    def add(self, prompt: list[int], max_tokens: int, stops=(), seed: int | None = None) -> Row:
+        """Prefill a new row and merge it into the batch (between rounds). Sampling draws from the row's own seed
+        (sampling.py), so a seeded row gives the same tokens alone or in any batch."""
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         if not prompt:
@@ -125,12 +128,13 @@ class Decoder:
         if self.session and self.rows:
             raise ValueError("a session decodes one row at a time")
         self._drop_queued()  # it has no place for the new row
-        row = Row(next(self.ids), [int(t) for t in prompt], TextStream(self.tokenizer, self.eos_ids, stops, max_tokens))
+        row = Row(next(self.ids), [int(t) for t in prompt], TextStream(self.tokenizer, self.eos_ids, stops, max_tokens),
+                  seed=int(self.seeds.integers(2**63)) if seed is None else int(seed))
         row.stats.prompt_tokens = len(row.prompt)
         t0 = time.perf_counter()
         cache = self.cache if self.session else self.target.make_cache(batch=1, chunk=self.chunk)
         logits, hidden, row.stats.prefill_tokens = self._prefill(row.prompt, cache)
-        _, first = verify_choices(logits, mx.zeros((1, 0), mx.int32), self.params, self._next_key())
+        _, first = verify_choices(logits, mx.zeros((1, 0), mx.int32), self.params, [row.seed], [[len(row.prompt)]])
         first = first.astype(mx.int32)
         row.stats.prefill_seconds = time.perf_counter() - t0
         if self._emit(row, [int(first.item())]):
@@ -201,17 +205,13 @@ class Decoder:
         return 0 if self.drafter is None else self.draft.choose([r.stats for r in self.rows], room)
 
     def _start(self, k: int, x: mx.array, g: mx.array) -> Round:
-        return Round(self.target, self.drafter, self.cache, x, g, k, self.params, self._next_key())
+        return Round(self.target, self.drafter, self.cache, x, g, k, self.params, [r.seed for r in self.rows])
 
     def _prefill(self, prompt: list[int], cache):
         if self.session:
             return self.session.prefill(prompt)
         logits, hidden = self.target.prefill(mx.array([prompt]), cache)
         return logits, hidden, len(prompt)
-
-    def _next_key(self):
-        self.key, sub = mx.random.split(self.key)
-        return sub
 
     def _emit(self, row: Row, new: list[int]) -> bool:
         """Hand a row's new tokens to its stream (EOS / max_tokens / a stop string end it); True when finished."""
@@ -249,7 +249,7 @@ def generate_tokens(target: Target, drafter: Drafter | None, session: Session, p
 
     The cache ends holding the prompt and every emitted token but the last, so the next prompt of a conversation
     reuses it (Session.prefill)."""
-    decoder = Decoder(target, drafter, params, draft, eos_ids, seed=seed, session=session)
-    row = decoder.add(prompt, max_tokens)
+    decoder = Decoder(target, drafter, params, draft, eos_ids, session=session)
+    row = decoder.add(prompt, max_tokens, seed=seed)
     for new in decoder.follow(row):
         yield new, row.stats

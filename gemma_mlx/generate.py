@@ -108,9 +108,8 @@ def stream_generate(engine: Engine, prompt, max_tokens: int = 256, temperature: 
     if not reuse_cache:
         engine.session.reset()
     decoder = Decoder(engine.target, engine.drafter, SamplingParams(temperature, top_p, top_k, min_p),
-                      draft_length(engine, draft_tokens), engine.eos_ids, engine.tokenizer, seed=seed,
-                      session=engine.session)
-    row = decoder.add(tokens, max_tokens, stop_list(stop))
+                      draft_length(engine, draft_tokens), engine.eos_ids, engine.tokenizer, session=engine.session)
+    row = decoder.add(tokens, max_tokens, stop_list(stop), seed)
     for new in decoder.follow(row):
         yield Piece(row.stream.take(), new, row.stats, row.finish_reason)
 
@@ -125,13 +124,15 @@ def generate(engine: Engine, prompt, **kwargs) -> Generation:
 
 
 def generate_batch(engine: Engine, prompts, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-                   top_k: int = 0, min_p: float = 0.0, draft_tokens="auto", stop=(), seed: int | None = None) -> list:
+                   top_k: int = 0, min_p: float = 0.0, draft_tokens="auto", stop=(), seed=None) -> list:
     """Generate for several prompts at once (strings, chat messages or token ids, as `generate` takes); returns
-    one `Generation` per prompt, in order. Each row is what `generate` gives for that prompt alone (greedy: the
-    same tokens; sampling: the same distribution)."""
+    one `Generation` per prompt, in order. Each row is what `generate` gives for that prompt alone: greedy, the same
+    tokens; sampling, the same distribution, and with a seed the same tokens (`seed`: every row's, or a list of
+    one per prompt)."""
     decoder = Decoder(engine.target, engine.drafter, SamplingParams(temperature, top_p, top_k, min_p),
-                      draft_length(engine, draft_tokens), engine.eos_ids, engine.tokenizer, engine.chunk, seed)
-    rows = [decoder.add(engine.encode(p), max_tokens, stop_list(stop)) for p in prompts]
+                      draft_length(engine, draft_tokens), engine.eos_ids, engine.tokenizer, engine.chunk)
+    seeds = seed if isinstance(seed, (list, tuple)) else [seed] * len(prompts)
+    rows = [decoder.add(engine.encode(p), max_tokens, stop_list(stop), s) for p, s in zip(prompts, seeds)]
     while decoder.rows:
         decoder.step()
     return [Generation(r.stream.text, r.tokens, r.stats, r.finish_reason) for r in rows]

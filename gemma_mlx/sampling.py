@@ -1,9 +1,14 @@
 """Token choice for the verify step: greedy, or exact speculative sampling with greedy drafts.
 
-Drafts are the drafter's greedy tokens, i.e. a point-mass proposal q = δ_d. The exact rule for that proposal:
-accept d_i with probability p_i(d_i); at the first rejection sample from p_i with d_i removed and renormalised;
-after K acceptances sample the bonus token from p_K. Every emitted token is then distributed exactly as plain
-sampling from p (transformers' rule, min(1, p/q) with q = softmax(raw drafter logits), is not).
+Drafts are the drafter's greedy tokens, i.e. a point-mass proposal q = δ_d, and the sampled token at each position
+is the Gumbel-max sample argmax_v(z_v + G_v) of the target's processed logits z, with noise G that depends only on
+the row's seed and the token's position. A draft is accepted iff it equals that sample, and at the first rejection
+the sample itself is emitted. This is the exact rule for a point-mass proposal (accept d with probability p(d);
+on rejection, a sample from p with d removed and renormalised: the Gumbel-max sample conditioned on not being d),
+so every emitted token is distributed exactly as plain sampling from p (transformers' min(1, p/q) rule with q =
+softmax(raw drafter logits) is not). And because the noise is keyed by (seed, position), a seeded row emits the
+same tokens whatever K, the drafts and the batch it runs in are: plain and MTP, alone and batched, agree token for
+token.
 
 p is the target distribution after the same processors as plain sampling (mlx-lm's top-p / min-p / top-k filters
 on log-probabilities, then the temperature), and plain sampling is this same code with K = 0.
@@ -52,20 +57,34 @@ def processed_logits(logits: mx.array, params: SamplingParams) -> mx.array:
     return logprobs * (1.0 / params.temperature)
 
 
-def verify_choices(logits: mx.array, drafts: mx.array, params: SamplingParams, key=None):
-    """For verify logits [B, K+1, V] and drafts [B, K], return, lazily:
-    accept [B, K] bool (draft i accepted given all before it were), and fallback [B, K+1] int (the token to emit
-    when the first rejection is at i, or the bonus token at i = K)."""
+def _mix(x: mx.array) -> mx.array:
+    """A 32-bit integer hash with good avalanche (lowbias32)."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+def position_noise(seeds, positions, vocab: int) -> mx.array:
+    """Gumbel noise [B, T, V] for the tokens at `positions` [B, T] (ints) of rows seeded `seeds` [B]: a counter-based
+    hash of (seed, position, token), so it depends on nothing else."""
+    seeds = [int(s) % 2**64 for s in seeds]
+    lo = mx.array([s & 0xFFFFFFFF for s in seeds], dtype=mx.uint32)[:, None]
+    hi = mx.array([s >> 32 for s in seeds], dtype=mx.uint32)[:, None]
+    row = _mix(_mix(_mix(lo) ^ hi) ^ mx.array(positions, dtype=mx.uint32))  # [B, T]
+    bits = _mix(row[..., None] ^ (mx.arange(vocab, dtype=mx.uint32) * 0x9E3779B9))
+    u = ((bits >> 8).astype(mx.float32) + 0.5) * (1.0 / 2**24)  # uniform in (0, 1)
+    return -mx.log(-mx.log(u))
+
+
+def verify_choices(logits: mx.array, drafts: mx.array, params: SamplingParams, seeds=None, positions=None):
+    """For verify logits [B, K+1, V] and drafts [B, K], return, lazily: accept [B, K] bool (draft i accepted given
+    all before it were), and fallback [B, K+1] int (the token to emit when the first rejection is at i, or the bonus
+    token at i = K). Sampling needs each row's seed and the positions [B, K+1] of the tokens the logits predict."""
     K = drafts.shape[1]
     if params.greedy:
         target = mx.argmax(logits, axis=-1)
         return drafts == target[:, :K], target
-    z = processed_logits(logits, params)
-    k_accept, k_sample = mx.random.split(key, 2) if key is not None else (None, None)
-    p_draft = mx.exp(mx.take_along_axis(z[:, :K], drafts[..., None].astype(mx.int32), axis=-1)[..., 0]
-                     - mx.logsumexp(z[:, :K], axis=-1)) if K else mx.zeros(drafts.shape)
-    accept = mx.random.uniform(shape=drafts.shape, key=k_accept) < p_draft
-    # Residual at a rejection: p with the rejected draft removed; bonus after full acceptance: p itself.
-    removed = mx.put_along_axis(z[:, :K], drafts[..., None].astype(mx.int32), mx.array(-mx.inf, z.dtype), axis=-1)
-    fallback = mx.random.categorical(mx.concatenate([removed, z[:, K:]], axis=1), key=k_sample)
-    return accept, fallback
+    sample = mx.argmax(processed_logits(logits, params) + position_noise(seeds, positions, logits.shape[-1]), axis=-1)
+    return drafts == sample[:, :K], sample

@@ -2,7 +2,8 @@
 
 One worker thread owns the model and runs rounds (decode.py); requests join the batch between rounds and leave when
 they finish or their client disconnects. Requests with the same sampling settings share a batch (greedy ones all
-do); a request with a `seed` gets a batch of its own so its samples are reproducible. HTTP is Starlette + uvicorn.
+do). Every request samples from its own seed (sampling.py), so a seeded request shares the batch and still gets the
+tokens it gets alone. HTTP is Starlette + uvicorn.
 
 Beyond OpenAI's fields, responses carry `mtp`: mean tokens per round, acceptance, and acceptance per draft position.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import itertools
 import json
 import queue
 import threading
@@ -27,6 +27,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from .decode import Decoder, Row
+from .draft_length import K_MAX
 from .generate import ChatTemplateError, Engine, draft_length
 from .sampling import SamplingParams
 
@@ -122,6 +123,7 @@ class Job:
     stops: tuple
     seed: Optional[int]
     loop: asyncio.AbstractEventLoop
+    draft: object = None  # "auto" or a fixed K for this request; None: the server's setting
     updates: asyncio.Queue = field(default_factory=asyncio.Queue)
     row: Optional[Row] = None
     cancelled: bool = False
@@ -143,7 +145,6 @@ class Scheduler:
         self.waiting: queue.Queue[Job] = queue.Queue()
         self.batches: dict[tuple, tuple[Decoder, list[Job]]] = {}
         self.wake = threading.Event()
-        self.ids = itertools.count()
         self.closed = False
         self.thread = threading.Thread(target=self._run, daemon=True, name="gemma-mlx-rounds")
         self.thread.start()
@@ -191,15 +192,15 @@ class Scheduler:
                 return
             if job.cancelled:
                 continue
-            key = (job.params, job.seed if job.seed is not None else None)
-            if job.seed is not None or key not in self.batches:
-                key = key if job.seed is None else (job.params, job.seed, next(self.ids))
+            setting = self.draft_tokens if job.draft is None else job.draft
+            key = (job.params, setting)  # rows of a batch share K: one batch per sampling and K setting
+            if key not in self.batches:
                 engine = self.engine
-                draft = draft_length(engine, 0 if engine.drafter is None else self.draft_tokens)
-                self.batches[key] = (Decoder(engine.target, engine.drafter, job.params, draft,
-                                                  engine.eos_ids, engine.tokenizer, engine.chunk, job.seed), [])
+                draft = draft_length(engine, 0 if engine.drafter is None else setting)
+                self.batches[key] = (Decoder(engine.target, engine.drafter, job.params, draft, engine.eos_ids,
+                                             engine.tokenizer, engine.chunk), [])
             decoder, jobs = self.batches[key]
-            job.row = decoder.add(job.prompt, job.max_tokens, job.stops)
+            job.row = decoder.add(job.prompt, job.max_tokens, job.stops, job.seed)
             job.publish()
             if job.row.finish_reason is None:
                 jobs.append(job)
@@ -230,11 +231,26 @@ def request_prompt(body: dict, engine: Engine, chat: bool) -> list[int]:
     return engine.encode(text)
 
 
-def read_job(body: dict, engine: Engine, model_id: str, chat: bool) -> Job:
-    """The request's job, every field checked (BadRequest names the first bad one)."""
-    if body.get("model") not in (None, model_id, "default"):
-        raise BadRequest(f"model {body.get('model')!r} does not exist (this server runs {model_id!r})", 404,
-                         "model", "model_not_found")
+def draft_setting(body: dict, engine: Engine):
+    """This request's MTP setting: `"mtp": false` (plain decoding) or `"draft_tokens": N | "auto"`; None: the
+    server's."""
+    mtp, k = body.get("mtp"), body.get("draft_tokens")
+    if mtp is not None and not isinstance(mtp, bool):
+        raise BadRequest("mtp must be true or false", param="mtp")
+    if k is not None and k != "auto" and not (is_int(k) and 0 <= k <= K_MAX):
+        raise BadRequest(f"draft_tokens must be \"auto\" or an integer in 0..{K_MAX}", param="draft_tokens")
+    if mtp is False:
+        return 0
+    if k not in (None, 0) and engine.drafter is None:
+        raise BadRequest("draft_tokens needs a drafter, and this server runs without one", param="draft_tokens")
+    return k
+
+
+def read_job(body: dict, engine: Engine, chat: bool) -> Job:
+    """The request's job, every field checked (BadRequest names the first bad one). Any `model` name is served by
+    the loaded model, as llama.cpp's and LM Studio's servers do (many clients send a fixed one)."""
+    if body.get("model") is not None and not isinstance(body.get("model"), str):
+        raise BadRequest("model must be a string", param="model")
     check_unsupported(body)
     prompt = request_prompt(body, engine, chat)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 256))
@@ -250,7 +266,19 @@ def read_job(body: dict, engine: Engine, model_id: str, chat: bool) -> Job:
         raise BadRequest("seed must be an integer", param="seed")
     if not isinstance(body.get("stream", False), bool):
         raise BadRequest("stream must be true or false", param="stream")
-    return Job(prompt, max_tokens, params, stop_strings(body.get("stop")), seed, asyncio.get_running_loop())
+    include_usage(body)
+    return Job(prompt, max_tokens, params, stop_strings(body.get("stop")), seed, asyncio.get_running_loop(),
+               draft=draft_setting(body, engine))
+
+
+def include_usage(body: dict) -> bool:
+    """`stream_options.include_usage`: a last chunk with empty choices and the usage, as OpenAI sends it."""
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise BadRequest("stream_options must be an object like {\"include_usage\": true}", param="stream_options")
+    return options.get("include_usage", False)
 
 
 def usage(job: Job) -> dict:
@@ -287,13 +315,13 @@ class Api:
     async def completion(self, request: Request, chat: bool):
         try:
             body = await request_body(request)
-            job = read_job(body, self.engine, self.model_id, chat)
+            job = read_job(body, self.engine, chat)
         except BadRequest as e:
             return error(str(e), e.status, e.param, e.code)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.scheduler.submit(job)
         if body.get("stream"):
-            return StreamingResponse(self.stream(job, rid, chat), media_type="text/event-stream")
+            return StreamingResponse(self.stream(job, rid, chat, include_usage(body)), media_type="text/event-stream")
         text, finish = "", None
         while finish is None:
             piece, finish = await job.updates.get()
@@ -316,7 +344,7 @@ class Api:
                    "created": int(time.time()), "model": self.model_id, "choices": [choice], **(extra or {})}
         return f"data: {json.dumps(payload)}\n\n"
 
-    async def stream(self, job: Job, rid: str, chat: bool):
+    async def stream(self, job: Job, rid: str, chat: bool, usage_chunk: bool = False):
         finish = None
         try:
             if chat:
@@ -327,6 +355,9 @@ class Api:
                     yield self.chunk(rid, chat, piece)
             if finish not in ("stop", "length"):
                 yield f"data: {json.dumps({'error': {'message': finish, 'type': 'server_error'}})}\n\n"
+            elif usage_chunk:
+                yield self.chunk(rid, chat, None, finish=finish)
+                yield self.chunk(rid, chat, None, extra={"choices": [], "usage": usage(job), "mtp": mtp(job)})
             else:
                 yield self.chunk(rid, chat, None, finish=finish, extra={"usage": usage(job), "mtp": mtp(job)})
             yield "data: [DONE]\n\n"

@@ -33,15 +33,16 @@ class RoundResult:
 
 class Round:
     """One round for every row, in flight: the draft + verify graph is built lazily and evaluated asynchronously;
-    `finish` reads it (the one host sync), accepts and rolls the cache back. x [B, 1] int, g [B, 1, H]. `started`
-    and `built_at` say when it was built, for draft_length.RoundClock."""
+    `finish` reads it (the one host sync), accepts and rolls the cache back. x [B, 1] int, g [B, 1, H]; `seeds`:
+    each row's sampling seed. `started` and `built_at` say when it was built, for draft_length.RoundClock."""
 
     def __init__(self, target: Target, drafter: Drafter | None, cache: TargetCache, x: mx.array, g: mx.array,
-                 k: int, params: SamplingParams, key=None):
+                 k: int, params: SamplingParams, seeds=None):
         self.cache, self.k, self.started = cache, k, time.perf_counter()
+        positions = cache.lengths[:, None] + 1 + np.arange(k + 1)  # of the tokens the verify logits predict
         self.drafts = drafter.draft(target, x, g, cache, k) if k else mx.zeros((x.shape[0], 0), mx.int32)
         logits, self.hidden = target(mx.concatenate([x, self.drafts.astype(x.dtype)], axis=1), cache)
-        self.accept, self.fallback = verify_choices(logits, self.drafts, params, key)
+        self.accept, self.fallback = verify_choices(logits, self.drafts, params, seeds, positions)
         mx.async_eval(self.drafts, self.accept, self.fallback, self.hidden)
         self.built_at = time.perf_counter()
 
@@ -72,9 +73,9 @@ class Round:
         return RoundResult(emitted, self.k), next_x, next_g
 
 
-def speculative_round(target, drafter, cache, x, g, k, params, key=None):
-    """Draft, verify, accept and roll back, synchronously."""
-    return Round(target, drafter, cache, x, g, k, params, key).finish()
+def speculative_round(target, drafter, cache, x, g, k, params, seeds=None):
+    """Draft, verify, accept and roll back, synchronously; `seeds`: each row's (sampling only)."""
+    return Round(target, drafter, cache, x, g, k, params, seeds).finish()
 
 
 @dataclass

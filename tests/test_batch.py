@@ -284,6 +284,17 @@ def test_generate_batch_api_with_stop_strings(mlx_dir):
         gemma_mlx.generate_batch(gemma_mlx.Engine(engine.target, engine.tokenizer), ps, draft_tokens=2)
 
 
+def test_generate_batch_seeds_every_row_or_each_its_own(mlx_dir):
+    """`seed=S`: every row samples as `generate(prompt, seed=S)` does alone; `seed=[...]`: one seed per prompt."""
+    engine = gemma_mlx.load(str(mlx_dir("plain")), drafter=str(mlx_dir("plain", ordered=False)), progress=False)
+    p = "the quick brown fox"
+    kw = dict(max_tokens=16, temperature=1.0, draft_tokens=2)
+    alone = [gemma_mlx.generate(engine, p, seed=s, reuse_cache=False, **kw).tokens for s in (5, 6)]
+    assert alone[0] != alone[1]
+    assert [r.tokens for r in gemma_mlx.generate_batch(engine, [p, p], seed=5, **kw)] == [alone[0]] * 2
+    assert [r.tokens for r in gemma_mlx.generate_batch(engine, [p, p], seed=[5, 6], **kw)] == alone
+
+
 # --- the batch draft length (DraftLength.choose(rows, room)) on simulated hardware -----------------------------
 
 
@@ -367,6 +378,38 @@ def test_fixed_draft_length_can_be_the_maximum():
     draft.update(8, 5, 0.1)
     draft.update(8, [8, 0], 0.1)
     assert draft.choose() == 8
+
+
+def test_a_seeded_row_samples_the_same_tokens_alone_and_in_any_batch(pair, hf_dir):
+    """Each row draws from its own seed (sampling.py), so a seeded row is batch-invariant: alone, or with other
+    rows (seeded or not) joining and leaving, with MTP or without, it emits the same tokens."""
+    target, drafter = pair("plain", False)
+    ps = prompts(4, seed=5)
+    params = SamplingParams(temperature=0.9)
+
+    def sampled(rows, k, join_at=None):
+        decoder = Decoder(target, None, params=params, draft=DraftLength(fixed=0), chunk=8, seed=1)
+        if k:
+            decoder.drafter = ControlledDrafter(drafter, lambda: [reference[r.id] for r in decoder.rows], 0.6, 2)
+            decoder.draft = DraftLength(fixed=k)
+        added, rounds = [], 0
+        for prompt, seed in rows[: len(rows) if join_at is None else -1]:
+            added.append(decoder.add(prompt, 16, seed=seed))
+        while decoder.rows or len(added) < len(rows):
+            if rounds == join_at:
+                added.append(decoder.add(rows[-1][0], 16, seed=rows[-1][1]))
+            decoder.step()
+            rounds += 1
+        return [r.tokens for r in added]
+
+    alone = [sampled([(p, 40 + i)], 0)[0] for i, p in enumerate(ps)]
+    reference = {i: p + t for i, (p, t) in enumerate(zip(ps, alone))}
+    assert len(set(map(tuple, alone))) == 4
+    assert sampled([(p, 40 + i) for i, p in enumerate(ps)], 0) == alone
+    assert sampled([(p, 40 + i) for i, p in enumerate(ps)], 3, join_at=2) == alone
+    reference = {0: ps[2] + alone[2], 1: ps[0] + alone[0], 2: ps[1] + alone[1]}
+    mixed = sampled([(ps[2], 42), (ps[0], None), (ps[1], None)], 2)
+    assert mixed[0] == alone[2] and mixed[1] != alone[0]  # unseeded rows draw seeds of their own
 
 
 def test_round_clock_charges_each_round_its_own_build():

@@ -74,6 +74,55 @@ def test_chat_streaming_matches_non_streaming(server):
     assert chunks[-1].model_extra["mtp"]["rounds"] >= 1
 
 
+def test_seeded_requests_share_the_batch_and_sample_what_they_sample_alone(server):
+    """Each request samples from its own seed, keyed by position: concurrent seeded requests at temperature 1 join
+    one batch (with an unseeded one beside them) and each gets the text it gets served alone."""
+    def ask(prompt, seed):
+        r = client(server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}],
+                                                   max_tokens=16, temperature=1.0, seed=seed)
+        return r.choices[0].message.content
+
+    def solo(prompt, seed):
+        return gemma_mlx.generate(server["solo"], [{"role": "user", "content": prompt}], max_tokens=16,
+                                  temperature=1.0, seed=seed, reuse_cache=False).text
+
+    jobs = [(PROMPTS[i % 3], 100 + i) for i in range(5)] + [(PROMPTS[5], None)]
+    with futures.ThreadPoolExecutor(6) as pool:
+        texts = list(pool.map(lambda a: ask(*a), jobs))
+    assert texts[:5] == [solo(p, s) for p, s in jobs[:5]]
+    assert len(set(texts[:3])) == 3 and texts[0] != solo(PROMPTS[0], 7)
+    assert len([p for p, _ in server["app"].state.scheduler.batches if p.temperature == 1.0]) == 1  # not one a seed
+
+
+def test_any_model_name_is_served_by_the_loaded_model(server):
+    r = client(server).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": PROMPTS[0]}],
+                                               max_tokens=20, temperature=0)
+    assert r.model == "tiny" and r.choices[0].message.content == alone(server, PROMPTS[0])
+
+
+def test_stream_options_include_usage_sends_a_last_chunk_with_the_usage(server):
+    chunks = list(client(server).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": PROMPTS[3]}], max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert chunks[-2].choices[0].finish_reason == "length" and chunks[-2].usage is None
+    assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == alone(server, PROMPTS[3], 12)
+
+
+def test_mtp_can_be_turned_off_or_fixed_per_request(server):
+    def ask(**extra):
+        r = client(server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPTS[4]}],
+                                                   max_tokens=16, temperature=0, extra_body=extra)
+        return r.choices[0].message.content, r.model_extra["mtp"]
+
+    plain_text, plain = ask(mtp=False)
+    fixed_text, fixed = ask(draft_tokens=2)
+    assert plain_text == fixed_text == alone(server, PROMPTS[4], 16)
+    assert plain["acceptance_by_position"] == [] and plain["rounds"] == 15  # no drafts: one token a round
+    assert fixed["acceptance_by_position"]  # drafts were tried, in a batch of its own K
+    assert {setting for _, setting in server["app"].state.scheduler.batches} >= {0, 2}
+
+
 def test_completions_endpoint_and_stop_strings(server):
     c = client(server)
     full = c.completions.create(model="tiny", prompt="the quick brown fox", max_tokens=16, temperature=0)
@@ -114,7 +163,7 @@ def test_a_client_that_disconnects_frees_its_row(server):
 
 @pytest.mark.parametrize("body,status,message", [
     (b"{not json", 400, "not valid JSON"),
-    ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "does not exist"),
+    ({"model": 4, "messages": [{"role": "user", "content": "hi"}]}, 400, "model must be a string"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}, 400, "max_tokens"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "word " * 600}]}, 400, "exceeds the context"),
     ({"model": "tiny", "messages": []}, 400, "messages"),
@@ -237,6 +286,11 @@ MALFORMED = [  # (method, route, body: bytes or a dict merged into OK (None drop
     ("POST", CHAT, {"stop": [""]}, 400, "stop"),
     ("POST", CHAT, {"stop": {"a": 1}}, 400, "stop"),
     ("POST", CHAT, {"seed": "x"}, 400, "seed"),
+    ("POST", CHAT, {"mtp": "no"}, 400, "mtp"),
+    ("POST", CHAT, {"draft_tokens": 99}, 400, "draft_tokens"),
+    ("POST", CHAT, {"draft_tokens": "many"}, 400, "draft_tokens"),
+    ("POST", CHAT, {"stream": True, "stream_options": {"include_usage": "yes"}}, 400, "stream_options"),
+    ("POST", CHAT, {"stream_options": []}, 400, "stream_options"),
     ("POST", CHAT, {"seed": 1.5}, 400, "seed"),
     ("POST", CHAT, {"n": 2}, 400, "n"),
     ("POST", CHAT, {"n": 0}, 400, "n"),

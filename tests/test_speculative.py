@@ -333,16 +333,16 @@ def _first_tokens(target, drafter, ids, params, rows, k, seed, rule=None):
     prompt = mx.array([ids] * rows)
     for s in range(0, len(ids), 8):
         logits, hidden = target(prompt[:, s:s + 8], cache, last_only=True)
-    key = mx.random.key(seed)
     from gemma_mlx.sampling import verify_choices
 
-    key, sub = mx.random.split(key)
-    _, first = verify_choices(logits, mx.zeros((rows, 0), mx.int32), params, sub)
+    seeds = [seed * rows + r for r in range(rows)]
+    _, first = verify_choices(logits, mx.zeros((rows, 0), mx.int32), params, seeds, [[len(ids)]] * rows)
     x, g = first.astype(mx.int32), hidden
     out = [[int(t)] for t in np.array(first)[:, 0]]
+    key = mx.random.key(seed)
     while min(len(o) for o in out) < 3:
         key, sub = mx.random.split(key)
-        res, x, g = speculative_round(target, drafter, cache, x, g, k, params, sub) if rule is None else \
+        res, x, g = speculative_round(target, drafter, cache, x, g, k, params, seeds) if rule is None else \
             rule(target, drafter, cache, x, g, k, params, sub)
         for o, new in zip(out, res.tokens):
             o.extend(new)
@@ -428,6 +428,23 @@ def test_speculative_sampling_is_distributed_like_plain_sampling(params, pair, h
     hf_rule = np.concatenate([_first_tokens(target, controlled, ids, params, rows, 3, seed=200 + s,
                                             rule=_hf_rule_round) for s in range(8)])
     assert min(_chi2_two_sample(plain[:, pos], hf_rule[:, pos]) for pos in range(3)) < 0.01
+
+
+def test_a_seed_gives_the_same_samples_with_mtp_at_any_k_as_without(pair):
+    """The sampling noise is keyed by (seed, position), and a draft is accepted iff it is the sample: so with a seed,
+    MTP at any K, with drafts often right or never right, emits the tokens plain sampling emits."""
+    target, drafter = pair("plain", False)
+    ids = [int(i) for i in PROMPTS["short"]]
+    params = SamplingParams(temperature=1.0, top_p=0.95)
+    plain = run(target, None, ids, 0, max_tokens=24, params=params, seed=11)[0]
+    assert run(target, None, ids, 0, max_tokens=24, params=params, seed=12)[0] != plain
+    reference = [ids + plain]
+    for k, alpha in ((1, 0.9), (3, 0.9), (5, 0.5), (3, 0.0), ("auto", 0.8)):
+        out, stats, _ = run(target, ControlledDrafter(drafter, reference, alpha=alpha, seed=k == 1), ids, k,
+                            max_tokens=24, params=params, seed=11)
+        assert out == plain, (k, alpha)
+        if alpha >= 0.5 and k != "auto":
+            assert stats.accepted_tokens > 0  # the right drafts were accepted, not all rejected
 
 
 def test_sampling_with_a_seed_is_reproducible_and_stays_in_the_nucleus(pair):

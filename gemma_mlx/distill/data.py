@@ -112,7 +112,7 @@ def generate_batch_sequences(engine, prompt_ids: list[list[int]], b: int, size: 
     idx, temp = generation_picks(len(prompt_ids), b, size, seed)
     picks = [prompt_ids[i] for i in idx]
     results = generate_batch(engine, picks, max_tokens=max_new, temperature=temp, top_p=0.95, draft_tokens=0,
-                             seed=seed * 100_003 + b)
+                             seed=[(seed * 100_003 + b) * 1_000 + i for i in range(len(picks))])
     return [p + r.tokens for p, r in zip(picks, results)]
 
 
