@@ -17,6 +17,7 @@ when that slice would wrap around the ring's end.
 
 from __future__ import annotations
 
+import copy
 from typing import NamedTuple
 
 import mlx.core as mx
@@ -113,6 +114,15 @@ class LayerCache:
         idx = mx.array(rows, dtype=mx.int32)
         size = self._allocation(int(self.lengths.max(initial=0)))
         self.keys, self.values = self.keys[..., :size, :][idx], self.values[..., :size, :][idx]
+
+    def row(self, i: int) -> "LayerCache":
+        """A batch-1 copy of row i, in new arrays (writing to either leaves the other as it is)."""
+        out = copy.copy(self)
+        out.lengths = self.lengths[i : i + 1].copy()
+        if self.keys is not None:
+            size = self._allocation(int(out.lengths[0]))
+            out.keys, out.values = self.keys[i : i + 1, :, :size], self.values[i : i + 1, :, :size]
+        return out
 
     def extend_rows(self, other: "LayerCache"):
         """Append the rows of another cache (a prefilled row joining the batch); linear buffers are padded to a
@@ -301,6 +311,12 @@ class TargetCache:
     def extend_rows(self, other: "TargetCache"):
         for c, o in zip(self.layers, other.layers):
             c.extend_rows(o)
+
+    def row(self, i: int) -> "TargetCache":
+        """A batch-1 copy of row i (new arrays: a snapshot the batch's later writes do not touch)."""
+        out = copy.copy(self)
+        out.layers = [c.row(i) for c in self.layers]
+        return out
 
     def reads(self, layer_type: str, start: np.ndarray, T: int) -> Reads:
         """The slots and mask for a T-token forward from row lengths `start` (taken before it writes), for the

@@ -29,6 +29,7 @@ import numpy as np
 
 from .draft_length import DraftLength, RoundClock
 from .models.gemma4_assistant import Drafter
+from .prefix_cache import PrefixCache
 from .models.gemma4_text import Target
 from .sampling import SamplingParams, verify_choices
 from .speculative import Round, Stats
@@ -102,12 +103,12 @@ class Decoder:
 
     def __init__(self, target: Target, drafter: Drafter | None, params: SamplingParams = SamplingParams(),
                  draft: DraftLength | None = None, eos_ids=frozenset(), tokenizer=None, chunk: int = 256,
-                 seed: int | None = None, session: Session | None = None):
+                 seed: int | None = None, session: Session | None = None, prefix_cache: PrefixCache | None = None):
         self.target, self.drafter, self.params, self.eos_ids = target, drafter, params, frozenset(eos_ids)
         self.draft = draft or DraftLength(fixed=0 if drafter is None else None)
         if drafter is None and (self.draft.fixed or 0) > 0:
             raise ValueError("draft tokens requested but no drafter is loaded")
-        self.tokenizer, self.chunk, self.session = tokenizer, chunk, session
+        self.tokenizer, self.chunk, self.session, self.prefix_cache = tokenizer, chunk, session, prefix_cache
         self.cache = session.cache if session else target.make_cache(batch=0, chunk=chunk)
         self.rows: list[Row] = []  # the rows in the batch, in cache-row order
         self.finished: list[Row] = []  # rows finished since the last step (a row can finish at its first token)
@@ -132,13 +133,14 @@ class Decoder:
                   seed=int(self.seeds.integers(2**63)) if seed is None else int(seed))
         row.stats.prompt_tokens = len(row.prompt)
         t0 = time.perf_counter()
-        cache = self.cache if self.session else self.target.make_cache(batch=1, chunk=self.chunk)
-        logits, hidden, row.stats.prefill_tokens = self._prefill(row.prompt, cache)
+        cache, logits, hidden, row.stats.prefill_tokens = self._prefill(row.prompt)
         _, first = verify_choices(logits, mx.zeros((1, 0), mx.int32), self.params, [row.seed], [[len(row.prompt)]])
         first = first.astype(mx.int32)
         row.stats.prefill_seconds = time.perf_counter() - t0
         if self._emit(row, [int(first.item())]):
             self.finished.append(row)
+            if self.prefix_cache is not None and not self.session:
+                self.prefix_cache.keep(row.prompt, cache)
             return row
         if not self.session:
             self.cache.extend_rows(cache)
@@ -207,11 +209,15 @@ class Decoder:
     def _start(self, k: int, x: mx.array, g: mx.array) -> Round:
         return Round(self.target, self.drafter, self.cache, x, g, k, self.params, [r.seed for r in self.rows])
 
-    def _prefill(self, prompt: list[int], cache):
+    def _prefill(self, prompt: list[int]):
+        """(the row's cache, last logits, last hidden, tokens run): the session's cache, or a new row's, started
+        from the prefix cache when it holds a prefix of the prompt."""
         if self.session:
-            return self.session.prefill(prompt)
-        logits, hidden = self.target.prefill(mx.array([prompt]), cache)
-        return logits, hidden, len(prompt)
+            return self.cache, *self.session.prefill(prompt)
+        cache, common = self.prefix_cache.take(prompt) if self.prefix_cache else (None, 0)
+        cache = cache or self.target.make_cache(batch=1, chunk=self.chunk)
+        logits, hidden = self.target.prefill(mx.array([prompt[common:]]), cache)
+        return cache, logits, hidden, len(prompt) - common
 
     def _emit(self, row: Row, new: list[int]) -> bool:
         """Hand a row's new tokens to its stream (EOS / max_tokens / a stop string end it); True when finished."""
@@ -228,12 +234,22 @@ class Decoder:
             self.session.keep(len(row.prompt) + len(row.tokens) - 1)
             self.rows, self.x, self.g = [], None, None
             return
+        if self.prefix_cache is not None:
+            for i in sorted(set(range(len(self.rows))) - set(keep)):
+                self._keep_prefix(self.rows[i], i)
         self.cache.take_rows(keep)
         if self.queued is not None:
             self.queued.take_rows(keep)
         idx = mx.array(keep, dtype=mx.int32)
         self.x, self.g = self.x[idx], self.g[idx]
         self.rows = [self.rows[i] for i in keep]
+
+    def _keep_prefix(self, row: Row, i: int):
+        """Hand a leaving row's cache, cut to its prompt and reply but the last token, to the prefix cache."""
+        tokens = row.prompt + row.tokens[:-1]
+        cache = self.cache.row(i)
+        if cache.truncate(len(tokens)):
+            self.prefix_cache.keep(tokens, cache)
 
     def _drop_queued(self):
         """Forget the queued plain round: the position it wrote for each row is rolled back."""

@@ -5,6 +5,9 @@ they finish or their client disconnects. Requests with the same sampling setting
 do). Every request samples from its own seed (sampling.py), so a seeded request shares the batch and still gets the
 tokens it gets alone. HTTP is Starlette + uvicorn.
 
+The caches of finished requests are kept (prefix_cache.py, `--cache-mb`): a request that resends a conversation
+prefills only its new tokens (`usage.prompt_tokens_details.cached_tokens` counts the others).
+
 Beyond OpenAI's fields, responses carry `mtp`: mean tokens per round, acceptance, and acceptance per draft position.
 """
 
@@ -28,6 +31,7 @@ from starlette.routing import Route
 
 from .decode import Decoder, Row
 from .draft_length import K_MAX
+from .prefix_cache import PrefixCache
 from .generate import ChatTemplateError, Engine, draft_length
 from .sampling import SamplingParams
 
@@ -140,8 +144,9 @@ class Job:
 class Scheduler:
     """The worker thread: admits jobs between rounds (up to max_batch rows in all), steps every active batch."""
 
-    def __init__(self, engine: Engine, max_batch: int = 8, draft_tokens="auto"):
+    def __init__(self, engine: Engine, max_batch: int = 8, draft_tokens="auto", cache_mb: float = 1024):
         self.engine, self.max_batch, self.draft_tokens = engine, max_batch, draft_tokens
+        self.prefix_cache = PrefixCache(int(cache_mb * 2**20))  # shared by every batch: one target
         self.waiting: queue.Queue[Job] = queue.Queue()
         self.batches: dict[tuple, tuple[Decoder, list[Job]]] = {}
         self.wake = threading.Event()
@@ -198,7 +203,7 @@ class Scheduler:
                 engine = self.engine
                 draft = draft_length(engine, 0 if engine.drafter is None else setting)
                 self.batches[key] = (Decoder(engine.target, engine.drafter, job.params, draft, engine.eos_ids,
-                                             engine.tokenizer, engine.chunk), [])
+                                             engine.tokenizer, engine.chunk, prefix_cache=self.prefix_cache), [])
             decoder, jobs = self.batches[key]
             job.row = decoder.add(job.prompt, job.max_tokens, job.stops, job.seed)
             job.publish()
@@ -283,7 +288,8 @@ def include_usage(body: dict) -> bool:
 
 def usage(job: Job) -> dict:
     return {"prompt_tokens": len(job.prompt), "completion_tokens": len(job.row.tokens),
-            "total_tokens": len(job.prompt) + len(job.row.tokens)}
+            "total_tokens": len(job.prompt) + len(job.row.tokens),
+            "prompt_tokens_details": {"cached_tokens": len(job.prompt) - job.row.stats.prefill_tokens}}
 
 
 def mtp(job: Job) -> dict:
@@ -377,8 +383,9 @@ async def server_error(request: Request, exc: Exception):  # never a traceback t
     return error("internal server error", 500, kind="server_error")
 
 
-def build_app(engine: Engine, model_id: str, max_batch: int = 8, draft_tokens="auto") -> Starlette:
-    api = Api(engine, model_id, Scheduler(engine, max_batch, draft_tokens))
+def build_app(engine: Engine, model_id: str, max_batch: int = 8, draft_tokens="auto",
+              cache_mb: float = 1024) -> Starlette:
+    api = Api(engine, model_id, Scheduler(engine, max_batch, draft_tokens, cache_mb))
     app = Starlette(exception_handlers={HTTPException: http_error, Exception: server_error}, routes=[
         Route("/health", api.health), Route("/v1/models", api.models),
         Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
@@ -389,7 +396,8 @@ def build_app(engine: Engine, model_id: str, max_batch: int = 8, draft_tokens="a
 
 
 def serve(engine: Engine, model_id: str, host: str = "127.0.0.1", port: int = 8080, max_batch: int = 8,
-          draft_tokens="auto"):
+          draft_tokens="auto", cache_mb: float = 1024):
     import uvicorn
 
-    uvicorn.run(build_app(engine, model_id, max_batch, draft_tokens), host=host, port=port, log_level="warning")
+    uvicorn.run(build_app(engine, model_id, max_batch, draft_tokens, cache_mb), host=host, port=port,
+                log_level="warning")

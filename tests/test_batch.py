@@ -412,6 +412,42 @@ def test_a_seeded_row_samples_the_same_tokens_alone_and_in_any_batch(pair, hf_di
     assert mixed[0] == alone[2] and mixed[1] != alone[0]  # unseeded rows draw seeds of their own
 
 
+def test_prefix_cache_resumes_finished_rows_exactly(pair, hf_dir):
+    """A finished row's cache is kept (prefix_cache.py): a later prompt that extends its prompt and reply prefills
+    only the new tokens and decodes what a cold start decodes (the prefix crosses the sliding window, W = 8); a
+    prompt that diverges further back than the rings can go is prefilled cold; the limit evicts the oldest."""
+    from gemma_mlx.prefix_cache import PrefixCache
+
+    target, drafter = pair("plain", False)
+    first, other = prompts(2, seed=9)[1], prompts(4, seed=9)[3]  # 17 and 25 tokens
+    for chunk in (8, 64):
+        kept = PrefixCache(limit_bytes=10**9)
+        decoder = Decoder(target, None, chunk=chunk, prefix_cache=kept)
+        a = decoder.add(first, 12)
+        while decoder.rows:
+            decoder.step()
+        assert a.tokens == hf_greedy(hf_dir("plain"), first, 12) and len(kept.entries) == 1
+        turn = first + a.tokens + [5, 6, 7]
+        rows = [decoder.add(turn, 10), decoder.add(other, 10), decoder.add(first[:6] + [9, 9, 9], 10)]
+        while decoder.rows:
+            decoder.step()
+        assert rows[0].stats.prefill_tokens == 4  # the 3 new tokens and the reply's last (never in the cache)
+        # sharing BOS only, and the first 6 tokens only: the kept ends are 22+ positions further on, beyond the reach
+        # of an 8-slot ring's spare slots (prefilled cold), within a 64-slot one's
+        reach = chunk == 64
+        assert rows[1].stats.prefill_tokens == len(other) - reach and rows[2].stats.prefill_tokens == 9 - 6 * reach
+        for row, p in zip(rows, (turn, other, first[:6] + [9, 9, 9])):
+            assert row.tokens == hf_greedy(hf_dir("plain"), p, 10)
+    one = max(c.nbytes() for c in kept.entries.values())
+    small = PrefixCache(limit_bytes=one + 1)
+    decoder = Decoder(target, None, chunk=8, prefix_cache=small)
+    for p in (first, other):
+        decoder.add(p, 4)
+        while decoder.rows:
+            decoder.step()
+    assert [len(t) for t in small.entries] == [len(other) + 3] and small.nbytes <= one + 1
+
+
 def test_round_clock_charges_each_round_its_own_build():
     """On the CPU backend async_eval computes most of a round while it is built, so a plain round queued during
     another is charged to itself, not to the round it was built during (draft_length.RoundClock)."""

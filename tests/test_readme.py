@@ -36,7 +36,7 @@ def test_every_readme_command_runs(hf_dir, hf_drafter_dir, tmp_path, monkeypatch
         assert result.exit_code == 0, f"{command}\n{result.output}"
 
 
-def serve_then_run_the_readme_client(engine, model_id, host, port, max_batch, draft_tokens):
+def serve_then_run_the_readme_client(engine, model_id, host, port, max_batch, draft_tokens, cache_mb):
     """Stands in for the blocking `serve`: the same app on a free loopback port, queried by the README's snippet."""
     import socket
     import threading
@@ -49,7 +49,7 @@ def serve_then_run_the_readme_client(engine, model_id, host, port, max_batch, dr
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         free = s.getsockname()[1]
-    app = build_app(engine, model_id, max_batch, draft_tokens)
+    app = build_app(engine, model_id, max_batch, draft_tokens, cache_mb)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=free, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

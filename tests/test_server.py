@@ -123,6 +123,23 @@ def test_mtp_can_be_turned_off_or_fixed_per_request(server):
     assert {setting for _, setting in server["app"].state.scheduler.batches} >= {0, 2}
 
 
+def test_a_resent_conversation_prefills_only_its_new_tokens(server):
+    """An agent's next turn resends the conversation: it starts from the kept cache of the previous request
+    (usage.prompt_tokens_details.cached_tokens) and answers what a cold start answers."""
+    c = client(server)
+    messages = [{"role": "user", "content": "tell me everything about the river and the old house"}]
+    previous = 0  # the whole previous prompt is a prefix of this one (the reply may retokenize differently)
+    for turn in range(3):
+        r = c.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+        cold = gemma_mlx.generate(server["solo"], messages, max_tokens=12, reuse_cache=False)
+        assert r.choices[0].message.content == cold.text
+        cached = r.usage.prompt_tokens_details.cached_tokens
+        assert previous <= cached < r.usage.prompt_tokens, (turn, cached, r.usage.prompt_tokens)
+        previous = r.usage.prompt_tokens
+        messages += [{"role": "assistant", "content": r.choices[0].message.content},
+                     {"role": "user", "content": f"and then {turn}?"}]
+
+
 def test_completions_endpoint_and_stop_strings(server):
     c = client(server)
     full = c.completions.create(model="tiny", prompt="the quick brown fox", max_tokens=16, temperature=0)
