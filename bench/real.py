@@ -45,7 +45,9 @@ def training_text(drafter_dir: Path) -> tuple[list[str], list[str]]:
     report = json.loads((drafter_dir / "acceptance.json").read_text())
     paths = report.get("corpus") or []
     present = [p for p in paths if Path(p).exists()]
-    texts = list(distill.TRAIN_PROMPTS) + (corpus.documents(present) if present else [])
+    from .distill_prompts import PROMPTS as DRAFTER_PROMPTS  # what the committed demo drafter was distilled on
+
+    texts = list(distill.TRAIN_PROMPTS) + DRAFTER_PROMPTS + (corpus.documents(present) if present else [])
     return texts, [p for p in paths if p not in present]
 
 
