@@ -29,7 +29,7 @@ import numpy as np
 
 from .draft_length import DraftLength, RoundClock
 from .models.gemma4_assistant import Drafter
-from .prefix_cache import PrefixCache
+from .prefix_cache import PrefixCache, common_prefix
 from .models.gemma4_text import Target
 from .sampling import SamplingParams, verify_choices
 from .speculative import Round, Stats
@@ -52,12 +52,7 @@ class Session:
     def prefill(self, prompt: list[int]):
         """Bring the cache to `prompt` (reusing the longest common prefix) and return the last position's
         (logits, hidden) and how many tokens were run."""
-        common = 0
-        for a, b in zip(self.tokens, prompt):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(prompt) - 1, len(self.tokens))  # run at least one token to get its logits
+        common = min(common_prefix(self.tokens, prompt), len(prompt) - 1)  # run at least one token for its logits
         if not self.cache.truncate(common):  # the rings no longer hold what the common prefix needs
             self.reset()
             common = 0
