@@ -44,8 +44,9 @@ class Engine:
     def eos_ids(self) -> frozenset:
         return frozenset(self.tokenizer.eos_token_ids)
 
-    def encode(self, prompt) -> list[int]:
-        """A string (BOS added), chat messages [{"role", "content"}] (chat template applied), or token ids."""
+    def encode(self, prompt, tools: Optional[list] = None) -> list[int]:
+        """A string (BOS added), chat messages [{"role", "content"}] (chat template applied, with OpenAI-style
+        `tools` if given), or token ids."""
         if isinstance(prompt, str):
             return list(self.tokenizer.encode(prompt))
         if prompt and isinstance(prompt[0], dict):
@@ -55,7 +56,8 @@ class Engine:
             from jinja2 import TemplateError
 
             try:
-                return list(self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True))
+                return list(self.tokenizer.apply_chat_template(prompt, tools=tools, add_generation_prompt=True,
+                                                               tokenize=True))
             except TemplateError as e:  # the template's own checks (roles must alternate, ...)
                 raise ChatTemplateError(f"the chat template refused the messages: {e}") from None
         return list(prompt)

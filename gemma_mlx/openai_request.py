@@ -3,9 +3,14 @@ server answers it as a 4xx in OpenAI's error shape)."""
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Optional
 
 from .draft_length import K_MAX
+from .tool_calls import GEMMA4_START, ToolUse, forced_prefix, supports_tools
+
+MAX_BODY_BYTES = 8 * 2**20
 
 
 class BadRequest(Exception):
@@ -14,8 +19,8 @@ class BadRequest(Exception):
         self.status, self.param, self.code = status, param, code
 
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-NOT_IMPLEMENTED = {"tools": "tool calls", "functions": "function calls", "logprobs": "logprobs",
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+NOT_IMPLEMENTED = {"functions": "function calls", "logprobs": "logprobs",
                    "top_logprobs": "logprobs", "logit_bias": "logit_bias", "presence_penalty": "presence_penalty",
                    "frequency_penalty": "frequency_penalty", "response_format": "response_format"}
 
@@ -57,7 +62,8 @@ def check_unsupported(body: dict):
 
 def chat_messages(messages) -> list[dict]:
     """OpenAI messages as the chat template takes them: roles checked (developer = system), text content parts
-    joined."""
+    joined, an assistant's `tool_calls` with their arguments as objects, a tool result's `tool_call_id` and
+    `name`."""
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages must be a non-empty list of {role, content} objects", param="messages")
     out = []
@@ -68,8 +74,101 @@ def chat_messages(messages) -> list[dict]:
         if role not in ROLES:
             raise BadRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}",
                              param=f"messages[{i}].role")
-        out.append({"role": ROLES[role], "content": message_text(m.get("content"), i)})
+        message = {"role": ROLES[role]}
+        if role == "assistant" and m.get("tool_calls") is not None:
+            message["tool_calls"] = assistant_calls(m["tool_calls"], i)
+            message["content"] = "" if m.get("content") is None else message_text(m.get("content"), i)
+        else:
+            message["content"] = message_text(m.get("content"), i)
+        for key in ("tool_call_id", "name") if role == "tool" else ():
+            if m.get(key) is not None and not isinstance(m[key], str):
+                raise BadRequest(f"messages[{i}].{key} must be a string", param=f"messages[{i}].{key}")
+            if m.get(key) is not None:
+                message[key] = m[key]
+        out.append(message)
     return out
+
+
+def assistant_calls(calls, i: int) -> list[dict]:
+    """An assistant message's earlier calls, arguments parsed from their JSON string (the template writes them in
+    the model's own format)."""
+    where = f"messages[{i}].tool_calls"
+    if not isinstance(calls, list):
+        raise BadRequest(f"{where} must be a list", param=where)
+    out = []
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise BadRequest(f"{where}[{j}] must be {{\"type\": \"function\", \"function\": {{\"name\", "
+                             "\"arguments\"}}", param=where)
+        args = fn.get("arguments", "{}")
+        try:
+            args = json.loads(args) if isinstance(args, str) else args
+        except ValueError:
+            raise BadRequest(f"{where}[{j}].function.arguments is not valid JSON", param=where) from None
+        if not isinstance(args, dict):
+            raise BadRequest(f"{where}[{j}].function.arguments must be a JSON object", param=where)
+        out.append({"id": call.get("id") if isinstance(call.get("id"), str) else f"call_{i}_{j}",
+                    "type": "function", "function": {"name": fn["name"], "arguments": args}})
+    return out
+
+
+def check_tool_messages(messages: list[dict], tokenizer):
+    """Earlier calls and tool results need a template that can write them."""
+    if supports_tools(tokenizer):
+        return
+    for i, m in enumerate(messages):
+        if m["role"] == "tool" or "tool_calls" in m:
+            raise BadRequest(f"messages[{i}] is a tool call or result, and this model's chat template has no tool "
+                             "calls", param=f"messages[{i}].role")
+
+
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def tool_use(body: dict, tokenizer, chat: bool) -> Optional[ToolUse]:
+    """The request's `tools`, `tool_choice` and `parallel_tool_calls`, checked; None when no tool may be called
+    (no tools, or tool_choice "none": then the tools are left out of the prompt)."""
+    tools, choice, parallel = body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls", True)
+    if not isinstance(parallel, bool):
+        raise BadRequest("parallel_tool_calls must be true or false", param="parallel_tool_calls")
+    if tools is None or tools == []:
+        if choice not in (None, "none", "auto"):
+            raise BadRequest("tool_choice needs tools", param="tool_choice")
+        return None
+    if not chat:
+        raise BadRequest("tools are taken by /v1/chat/completions only", param="tools")
+    names = check_tools(tools)
+    if not supports_tools(tokenizer):
+        raise BadRequest("this model's chat template has no tool calls", param="tools")
+    named = isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict)
+    if not (choice in (None, "none", "auto", "required") or named and choice["function"].get("name") in names):
+        raise BadRequest('tool_choice must be "none", "auto", "required" or {"type": "function", "function": '
+                         '{"name": <one of the tools>}}', param="tool_choice")
+    if choice == "none":
+        return None
+    if choice not in (None, "auto") and tokenizer.tool_call_start != GEMMA4_START:
+        raise BadRequest("tool_choice \"required\" or a named function needs Gemma 4's tool-call format",
+                         param="tool_choice")
+    return ToolUse(tools, forced_prefix(tokenizer, choice), single=not parallel)
+
+
+def check_tools(tools) -> set:
+    """OpenAI function tools: a name, an optional description, parameters as a JSON schema object."""
+    if not isinstance(tools, list):
+        raise BadRequest("tools must be a list of {\"type\": \"function\", \"function\": {...}}", param="tools")
+    names = set()
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not TOOL_NAME.fullmatch(fn["name"]):
+            raise BadRequest(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": "
+                             "<letters, digits, _ or -, at most 64>}}", param=f"tools[{i}]")
+        if not isinstance(fn.get("description", ""), str):
+            raise BadRequest(f"tools[{i}].function.description must be a string", param=f"tools[{i}]")
+        if not isinstance(fn.get("parameters", {}), dict):
+            raise BadRequest(f"tools[{i}].function.parameters must be a JSON schema object", param=f"tools[{i}]")
+        names.add(fn["name"])
+    return names
 
 
 def message_text(content, i: int) -> str:

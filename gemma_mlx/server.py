@@ -31,10 +31,11 @@ from starlette.routing import Route
 
 from .decode import Decoder, Row
 from .generate import ChatTemplateError, Engine, draft_length
-from .openai_request import (BadRequest, chat_messages, check_unsupported, draft_setting, include_usage, is_int,
-                             number, stop_strings)
+from .openai_request import (MAX_BODY_BYTES, BadRequest, chat_messages, check_tool_messages, check_unsupported,
+                             draft_setting, include_usage, is_int, number, stop_strings, tool_use)
 from .prefix_cache import PrefixCache
 from .sampling import SamplingParams
+from .tool_calls import GEMMA4_START, ToolCallText, ToolUse
 
 
 def error(message: str, status: int = 400, param=None, code=None, kind="invalid_request_error") -> JSONResponse:
@@ -52,6 +53,7 @@ class Job:
     seed: Optional[int]
     loop: asyncio.AbstractEventLoop
     draft: object = None  # "auto" or a fixed K for this request; None: the server's setting
+    tools: Optional[ToolUse] = None
     updates: asyncio.Queue = field(default_factory=asyncio.Queue)
     row: Optional[Row] = None
     cancelled: bool = False
@@ -139,8 +141,18 @@ class Scheduler:
 
 
 async def request_body(request: Request) -> dict:
+    """The JSON body, read up to MAX_BODY_BYTES (a larger one is a 413 before it is all in memory)."""
+    too_large = BadRequest(f"request body larger than {MAX_BODY_BYTES // 2**20} MB", status=413)
+    size = request.headers.get("content-length", "")
+    if size.isdigit() and int(size) > MAX_BODY_BYTES:
+        raise too_large
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > MAX_BODY_BYTES:
+            raise too_large
     try:
-        body = await request.json()
+        body = json.loads(data)
     except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested too deep to parse
         raise BadRequest("request body is not valid JSON") from None
     if not isinstance(body, dict):
@@ -148,10 +160,15 @@ async def request_body(request: Request) -> dict:
     return body
 
 
-def request_prompt(body: dict, engine: Engine, chat: bool) -> list[int]:
+def request_prompt(body: dict, engine: Engine, chat: bool, tools: Optional[ToolUse]) -> list[int]:
+    """The prompt's tokens; a `tool_choice` that forces a call adds the call's opening (tool_calls.forced_prefix)."""
     if chat:
         try:
-            return engine.encode(chat_messages(body.get("messages")))
+            messages = chat_messages(body.get("messages"))
+            check_tool_messages(messages, engine.tokenizer)
+            prompt = engine.encode(messages, tools=tools and tools.tools)
+            return prompt + (list(engine.tokenizer.encode(tools.prefix, add_special_tokens=False))
+                             if tools and tools.prefix else [])
         except ChatTemplateError as e:
             raise BadRequest(str(e).replace("--raw in the CLI, ", ""), param="messages") from None
     text = body.get("prompt")
@@ -166,7 +183,8 @@ def read_job(body: dict, engine: Engine, chat: bool) -> Job:
     if body.get("model") is not None and not isinstance(body.get("model"), str):
         raise BadRequest("model must be a string", param="model")
     check_unsupported(body)
-    prompt = request_prompt(body, engine, chat)
+    tools = tool_use(body, engine.tokenizer, chat)
+    prompt = request_prompt(body, engine, chat, tools)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 256))
     if not is_int(max_tokens) or max_tokens < 1:
         raise BadRequest("max_tokens must be a positive integer", param="max_tokens")
@@ -181,8 +199,11 @@ def read_job(body: dict, engine: Engine, chat: bool) -> Job:
     if not isinstance(body.get("stream", False), bool):
         raise BadRequest("stream must be true or false", param="stream")
     include_usage(body)
-    return Job(prompt, max_tokens, params, stop_strings(body.get("stop")), seed, asyncio.get_running_loop(),
-               draft=draft_setting(body, engine))
+    stops = stop_strings(body.get("stop"))
+    if tools and engine.tokenizer.tool_call_start == GEMMA4_START:  # a call's turn ends where its result would go
+        stops += ("<|tool_response>",)
+    return Job(prompt, max_tokens, params, stops, seed, asyncio.get_running_loop(), draft=draft_setting(body, engine),
+               tools=tools)
 
 
 def usage(job: Job) -> dict:
@@ -233,15 +254,31 @@ class Api:
             text += piece
         if finish not in ("stop", "length"):
             return error(finish, 500, kind="server_error")
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-                  if chat else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
+        if chat:
+            message, finish = self.reply(job, text, finish)
+            choice = {"index": 0, "message": message, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
         return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
                              "created": int(time.time()), "model": self.model_id, "choices": [choice],
                              "usage": usage(job), "mtp": mtp(job)})
 
-    def chunk(self, rid: str, chat: bool, delta: Optional[str], finish=None, role=False, extra=None) -> str:
+    def reply(self, job: Job, text: str, finish: str) -> tuple[dict, str]:
+        """The assistant message of a whole reply: its content, and its tool calls if the request had tools."""
+        if job.tools is None:
+            return {"role": "assistant", "content": text}, finish
+        content, calls = ToolCallText.of(self.engine.tokenizer, job.tools).finish(text)
+        if not calls:
+            return {"role": "assistant", "content": content}, finish
+        return ({"role": "assistant", "content": content.strip() or None, "tool_calls": calls},
+                "tool_calls" if finish == "stop" else finish)
+
+    def chunk(self, rid: str, chat: bool, delta: Optional[str], finish=None, role=False, extra=None,
+              calls=None) -> str:
         if chat:
             d = {"role": "assistant", "content": ""} if role else ({} if delta is None else {"content": delta})
+            if calls:
+                d["tool_calls"] = calls
             choice = {"index": 0, "delta": d, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
@@ -250,15 +287,21 @@ class Api:
         return f"data: {json.dumps(payload)}\n\n"
 
     async def stream(self, job: Job, rid: str, chat: bool, usage_chunk: bool = False):
-        finish = None
+        finish, calls = None, ToolCallText.of(self.engine.tokenizer, job.tools) if job.tools else None
         try:
             if chat:
                 yield self.chunk(rid, chat, None, role=True)
             while finish is None:
                 piece, finish = await job.updates.get()
-                if piece:
+                if calls is not None:  # content outside the calls as it comes; each call once it is whole
+                    delta, new = calls.finish(piece) if finish else calls.add(piece)
+                    if delta or new:
+                        yield self.chunk(rid, chat, delta or None, calls=tool_call_deltas(calls, new))
+                elif piece:
                     yield self.chunk(rid, chat, piece)
-            if finish not in ("stop", "length"):
+            if calls is not None and calls.calls and finish == "stop":
+                finish = "tool_calls"
+            if finish not in ("stop", "length", "tool_calls"):
                 yield f"data: {json.dumps({'error': {'message': finish, 'type': 'server_error'}})}\n\n"
             elif usage_chunk:
                 yield self.chunk(rid, chat, None, finish=finish)
@@ -270,6 +313,12 @@ class Api:
             if finish is None:  # the client went away mid-stream: free its row at the next round
                 job.cancelled = True
                 self.scheduler.wake.set()
+
+
+def tool_call_deltas(calls: ToolCallText, new: list) -> list:
+    """Streamed calls carry their index in the reply (OpenAI's `delta.tool_calls[].index`)."""
+    first = len(calls.calls) - len(new)
+    return [{"index": first + i, **call} for i, call in enumerate(new)]
 
 
 async def http_error(request: Request, exc: HTTPException):

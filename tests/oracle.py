@@ -38,6 +38,7 @@ from transformers.models.gemma4 import configuration_gemma4 as _C
 
 __all__ = [
     "S", "F", "BASE", "VARIANTS", "TARGETS", "EOS_IDS", "MM_PLACEHOLDER_IDS", "SPECIAL", "CHAT_TEMPLATE",
+    "GEMMA4_SPECIAL", "GEMMA4_TOOLS_TEMPLATE",
     "text_config", "perturb", "calm", "build_target", "drafter_config", "build_drafter", "vocabulary",
     "save_tokenizer",
     "load_model", "clear_cache", "hf_forward", "hf_greedy", "hf_shared_kv", "hf_drafter_call", "hf_embed_scaled",
@@ -234,6 +235,29 @@ CHAT_TEMPLATE = (
     "{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}"
     "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
+# Gemma 4's turn and tool tokens at their real ids, and a chat template of ours in Gemma 4's tool format (the
+# checkpoints' own template renders the same markers; this one is shorter): tools declared in the system turn, the
+# model's calls, the tools' results.
+GEMMA4_SPECIAL = {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 46: "<|tool>", 47: "<tool|>", 48: "<|tool_call>",
+                  49: "<tool_call|>", 50: "<|tool_response>", 51: "<tool_response|>", 52: '<|"|>', 105: "<|turn>",
+                  106: "<turn|>"}
+GEMMA4_TOOLS_TEMPLATE = (
+    "{% macro value(v) %}{% if v is string %}<|\"|>{{ v }}<|\"|>{% else %}{{ v | tojson }}{% endif %}"
+    "{% endmacro %}"
+    "{{ bos_token }}"
+    "{% if tools %}<|turn>system\n{% for t in tools %}<|tool>declaration:{{ t['function']['name'] }}"
+    "{description:<|\"|>{{ t['function']['description'] }}<|\"|>}<tool|>{% endfor %}<turn|>\n{% endif %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'tool' %}"
+    "<|tool_response>response:{{ m['name'] or 'unknown' }}{value:{{ value(m['content']) }}{{ '}' }}<tool_response|>"
+    "{% else %}<|turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{% for c in m['tool_calls'] or [] %}<|tool_call>call:{{ c['function']['name'] + '{' }}"
+    "{% for k, v in c['function']['arguments'] | dictsort %}{{ k }}:{{ value(v) }}{{ ',' if not loop.last }}"
+    "{% endfor %}{{ '}' }}<tool_call|>{% endfor %}"
+    "{{ m['content'] | trim }}<turn|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|turn>model\n{% endif %}"
+)
 _WORDS = (
     "the of and to in is it you that he was for on are with as his they be at one have this from or had by "
     "hot but some what there we can out other were all your when up use word how said an each she which do "
@@ -261,41 +285,46 @@ _WORDS = (
 ).split()
 
 
-def vocabulary() -> list[str]:
+def vocabulary(special: dict = SPECIAL) -> list[str]:
     """512 pieces: the special tokens at Gemma's ids (0 <pad>, 1 <eos>, 2 <bos>, 3 <unk>, 105 <start_of_turn>,
     106 <end_of_turn>), then "▁", printable ASCII letters/digits/punctuation and "\\n" (so any ASCII text without
-    rare symbols can be spelled), then SentencePiece-style word pieces "▁word". Every id decodes to readable text."""
+    rare symbols can be spelled), then SentencePiece-style word pieces "▁word". Every id decodes to readable text.
+    With GEMMA4_SPECIAL, Gemma 4's tokens take their ids, `{`, `}`, `_` and `"` are pieces too, and the last words
+    are left out."""
     chars = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'-:;()\n")
-    pieces = iter(["▁"] + chars + ["▁" + w for w in _WORDS])
-    vocab = [SPECIAL.get(i) or next(pieces) for i in range(512)]
-    assert len(set(vocab)) == 512 and next(pieces, None) is None
+    extra = list('{}_"') if special is GEMMA4_SPECIAL else []
+    pieces = iter(["▁"] + chars + extra + ["▁" + w for w in _WORDS])
+    vocab = [special.get(i) or next(pieces) for i in range(512)]
+    assert len(set(vocab)) == 512 and (special is not SPECIAL or next(pieces, None) is None)
     return vocab
 
 
-def save_tokenizer(out_dir) -> None:
+def save_tokenizer(out_dir, gemma4_tools: bool = False) -> None:
     """tokenizer.json + tokenizer_config.json (+ chat template) laid out like Gemma's: spaces normalised to "▁", no
     dummy prefix, a SentencePiece-style (Unigram) model preferring the longest pieces, unknown characters -> <unk>,
     <bos> prepended, and Gemma's decoder (Replace ▁ -> " ", ByteFallback, Fuse), so mlx-lm picks its
-    SPMStreamingDetokenizer exactly as for the real checkpoints. Loads with transformers.AutoTokenizer and mlx-lm."""
+    SPMStreamingDetokenizer exactly as for the real checkpoints. Loads with transformers.AutoTokenizer and mlx-lm.
+    gemma4_tools: Gemma 4's turn and tool tokens (GEMMA4_SPECIAL) and GEMMA4_TOOLS_TEMPLATE."""
     out = Path(out_dir)
-    vocab = vocabulary()
+    special = GEMMA4_SPECIAL if gemma4_tools else SPECIAL
+    vocab = vocabulary(special)
     # Viterbi maximises the summed score: -1 per piece (fewest pieces win), a small bonus for longer pieces.
-    scores = [(p, 0.0 if i in SPECIAL else -1.0 + 1e-3 * len(p)) for i, p in enumerate(vocab)]
+    scores = [(p, 0.0 if i in special else -1.0 + 1e-3 * len(p)) for i, p in enumerate(vocab)]
     tok = Tokenizer(models.Unigram(scores, unk_id=3, byte_fallback=False))
     tok.normalizer = normalizers.Replace(" ", "▁")
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A $B",
                                                        special_tokens=[("<bos>", 2)])
-    tok.add_special_tokens(list(SPECIAL.values()))
+    tok.add_special_tokens(list(special.values()))
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps(dict(
         tokenizer_class="PreTrainedTokenizerFast", bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
         unk_token="<unk>", add_bos_token=True, add_eos_token=False, model_max_length=512,
-        chat_template=CHAT_TEMPLATE), indent=1))
+        chat_template=GEMMA4_TOOLS_TEMPLATE if gemma4_tools else CHAT_TEMPLATE), indent=1))
     (out / "special_tokens_map.json").write_text(json.dumps(dict(
         bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
-        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"]), indent=1))
+        additional_special_tokens=[t for i, t in special.items() if i > 3]), indent=1))
 
 
 # --- reference computations (fp32, eager attention) ---------------------------------------------------------
