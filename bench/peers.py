@@ -271,7 +271,7 @@ class Ours:
 
         t0 = time.perf_counter()
         out, st, sess = decode(self.target, None, prompt, n, 0)
-        return Run(out, time.perf_counter() - t0, sess.cache.nbytes(), st.rounds)
+        return Run(out, time.perf_counter() - t0, sess.nbytes, st.rounds)
 
     def spec(self, cfg, prompt, n, reference, seed):
         from .controlled import ControlledDrafter
@@ -281,7 +281,7 @@ class Ours:
                                                                               seed)
         t0 = time.perf_counter()
         out, st, sess = decode(self.target, drafter, prompt, n, cfg["k"])
-        return Run(out, time.perf_counter() - t0, sess.cache.nbytes(), st.rounds, st.drafted_tokens, st.accepted_tokens)
+        return Run(out, time.perf_counter() - t0, sess.nbytes, st.rounds, st.drafted_tokens, st.accepted_tokens)
 
 
 def small_draft(model, seed: int = 1):

@@ -31,7 +31,8 @@ from gemma_mlx import _blas
 from gemma_mlx.models.gemma4_assistant import Drafter, DrafterConfig
 from gemma_mlx.models.gemma4_text import Target, TextConfig
 from gemma_mlx.draft_length import K_MAX, DraftLength
-from gemma_mlx.decode import Session, generate_tokens
+from gemma_mlx.decode import generate_tokens
+from gemma_mlx.prefix_cache import PrefixCache
 from gemma_mlx.speculative import Stats
 
 from .controlled import ControlledDrafter
@@ -150,14 +151,15 @@ def nbytes(module) -> int:
 
 
 def decode(target, drafter, prompt, n, k, draft=None):
-    """(tokens, stats) of one generation; k: an int, "auto", or 0 for plain decoding. `draft`: the auto draft
-    length to use (one per configuration, kept across its runs as an engine keeps it across calls)."""
-    session = Session(target)
+    """(tokens, stats, the prefix cache holding its cache) of one generation; k: an int, "auto", or 0 for plain
+    decoding. `draft`: the auto draft length to use (one per configuration, kept across its runs as an engine keeps
+    it across calls)."""
     draft = draft or (DraftLength() if k == "auto" else DraftLength(fixed=k))
-    out, stats = [], None
-    for new, stats in generate_tokens(target, drafter if k else None, session, prompt, max_tokens=n, draft=draft):
+    out, stats, kept = [], None, PrefixCache(2**40)
+    for new, stats in generate_tokens(target, drafter if k else None, prompt, max_tokens=n, draft=draft,
+                                      prefix_cache=kept):
         out += new
-    return out, stats, session
+    return out, stats, kept
 
 
 def step_costs(target, drafter, prompt, ks=range(1, K_MAX + 1), reps=7):
@@ -165,9 +167,9 @@ def step_costs(target, drafter, prompt, ks=range(1, K_MAX + 1), reps=7):
     verify of K+1 tokens (in turn, as a round runs them: each finds the CPU caches the other left; timed back to back
     the drafter finds its weights still cached and takes 20-30% less time than in a round here). Each is synced
     alone."""
-    session = Session(target)
-    _, g, _ = session.prefill(prompt)
-    cache, x = session.cache, mx.array([[prompt[-1]]])
+    cache = target.make_cache(1)
+    _, g = target.prefill(mx.array([prompt]), cache)
+    x = mx.array([[prompt[-1]]])
 
     def verify(k):
         mx.eval(target(mx.zeros((1, k + 1), mx.int32), cache))
@@ -222,7 +224,7 @@ def one_repeat(shape, target, drafter, configs, auto, prompts, n_new, rep, res):
     for p_i, prompt in enumerate(prompts):
         out, st, sess = decode(target, None, prompt, n_new, 0)
         plain.append(st.tokens_per_second)
-        res["kv_bytes_plain"] = sess.cache.nbytes()
+        res["kv_bytes_plain"] = sess.nbytes
         for c in configs:
             alpha, k = c
             cd = ControlledDrafter(drafter, [prompt + out], alpha, seed=rep * 100 + p_i)
@@ -230,7 +232,7 @@ def one_repeat(shape, target, drafter, configs, auto, prompts, n_new, rep, res):
             assert spec_out == out, f"{shape} α={alpha} K={k}: speculative output differs from plain greedy"
             tps[c].append(st.tokens_per_second)
             acc[c].append(st)
-            res["kv_bytes_spec"] = sess.cache.nbytes()
+            res["kv_bytes_spec"] = sess.nbytes
     return plain, tps, acc
 
 

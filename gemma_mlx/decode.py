@@ -13,8 +13,8 @@ the current one is read, so building it overlaps computing this one (as mlx-lm's
         for done in decoder.step():                              # one round; the rows that finished
             print(done.stream.text, done.finish_reason)
 
-A decoder over a `Session` decodes one row at a time in the session's cache, which keeps the prompt and the reply
-when the row finishes: the next turn of a conversation prefills only its new tokens.
+With a prefix cache (prefix_cache.py), a row that leaves hands its cache (prompt and reply) to it, and a new row
+starts from the longest prefix it holds: the next turn of a conversation prefills only its new tokens.
 """
 
 from __future__ import annotations
@@ -29,47 +29,11 @@ import numpy as np
 
 from .draft_length import DraftLength, RoundClock
 from .models.gemma4_assistant import Drafter
-from .prefix_cache import PrefixCache, common_prefix
+from .prefix_cache import PrefixCache
 from .models.gemma4_text import Target
 from .sampling import SamplingParams, verify_choices
 from .speculative import Round, Stats
 from .stops import TextStream
-
-
-class Session:
-    """A target cache and the tokens it holds, reused across turns: a prompt that extends what the cache holds
-    prefills only the new tokens."""
-
-    def __init__(self, target: Target, chunk: int = 256):
-        self.target = target
-        self.chunk = chunk
-        self.reset()
-
-    def reset(self):
-        self.cache = self.target.make_cache(1, self.chunk)
-        self.tokens: list[int] = []
-
-    def prefill(self, prompt: list[int]):
-        """Bring the cache to `prompt` (reusing the longest common prefix) and return the last position's
-        (logits, hidden) and how many tokens were run."""
-        common = min(common_prefix(self.tokens, prompt), len(prompt) - 1)  # run at least one token for its logits
-        if not self.cache.truncate(common):  # the rings no longer hold what the common prefix needs
-            self.reset()
-            common = 0
-        self.tokens = prompt[:common]
-        logits, hidden = self.target.prefill(mx.array([prompt[common:]]), self.cache)
-        self.tokens = list(prompt)
-        return logits, hidden, len(prompt) - common
-
-    def extend(self, tokens: list[int]):
-        """Tokens a round wrote into the cache."""
-        self.tokens.extend(tokens)
-
-    def keep(self, length: int):
-        """Forget the cached tokens past the first `length` (emitted past a row's end)."""
-        if len(self.tokens) > length:
-            self.cache.rollback(len(self.tokens) - length)
-            del self.tokens[length:]
 
 
 @dataclass
@@ -98,13 +62,13 @@ class Decoder:
 
     def __init__(self, target: Target, drafter: Drafter | None, params: SamplingParams = SamplingParams(),
                  draft: DraftLength | None = None, eos_ids=frozenset(), tokenizer=None, chunk: int = 256,
-                 seed: int | None = None, session: Session | None = None, prefix_cache: PrefixCache | None = None):
+                 seed: int | None = None, prefix_cache: PrefixCache | None = None):
         self.target, self.drafter, self.params, self.eos_ids = target, drafter, params, frozenset(eos_ids)
         self.draft = draft or DraftLength(fixed=0 if drafter is None else None)
         if drafter is None and (self.draft.fixed or 0) > 0:
             raise ValueError("draft tokens requested but no drafter is loaded")
-        self.tokenizer, self.chunk, self.session, self.prefix_cache = tokenizer, chunk, session, prefix_cache
-        self.cache = session.cache if session else target.make_cache(batch=0, chunk=chunk)
+        self.tokenizer, self.chunk, self.prefix_cache = tokenizer, chunk, prefix_cache
+        self.cache = target.make_cache(batch=0, chunk=chunk)
         self.rows: list[Row] = []  # the rows in the batch, in cache-row order
         self.finished: list[Row] = []  # rows finished since the last step (a row can finish at its first token)
         self.x = self.g = None  # per row: last emitted token [B, 1], target hidden before it [B, 1, H]
@@ -121,8 +85,6 @@ class Decoder:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         if not prompt:
             raise ValueError("empty prompt")
-        if self.session and self.rows:
-            raise ValueError("a session decodes one row at a time")
         self._drop_queued()  # it has no place for the new row
         row = Row(next(self.ids), [int(t) for t in prompt], TextStream(self.tokenizer, self.eos_ids, stops, max_tokens),
                   seed=int(self.seeds.integers(2**63)) if seed is None else int(seed))
@@ -134,11 +96,10 @@ class Decoder:
         row.stats.prefill_seconds = time.perf_counter() - t0
         if self._emit(row, [int(first.item())]):
             self.finished.append(row)
-            if self.prefix_cache is not None and not self.session:
+            if self.prefix_cache is not None:
                 self.prefix_cache.keep(row.prompt, cache)
             return row
-        if not self.session:
-            self.cache.extend_rows(cache)
+        self.cache.extend_rows(cache)
         self.x = first if self.x is None else mx.concatenate([self.x, first])
         self.g = hidden if self.g is None else mx.concatenate([self.g, hidden])
         self.rows.append(row)
@@ -187,8 +148,6 @@ class Decoder:
         for row, new in zip(self.rows, result.tokens):
             row.stats.record(current.k, len(new) - 1)
             row.stats.decode_seconds += wall
-            if self.session:
-                self.session.extend([row.tokens[-1]] + new[:-1])  # the last token and the accepted drafts
             if self._emit(row, new):
                 self.finished.append(row)
         self._keep([i for i, r in enumerate(self.rows) if r.finish_reason is None])
@@ -205,10 +164,8 @@ class Decoder:
         return Round(self.target, self.drafter, self.cache, x, g, k, self.params, [r.seed for r in self.rows])
 
     def _prefill(self, prompt: list[int]):
-        """(the row's cache, last logits, last hidden, tokens run): the session's cache, or a new row's, started
-        from the prefix cache when it holds a prefix of the prompt."""
-        if self.session:
-            return self.cache, *self.session.prefill(prompt)
+        """(the row's cache, last logits, last hidden, tokens run): a new cache, or one started from the prefix cache
+        when it holds a prefix of the prompt."""
         cache, common = self.prefix_cache.take(prompt) if self.prefix_cache else (None, 0)
         cache = cache or self.target.make_cache(batch=1, chunk=self.chunk)
         logits, hidden = self.target.prefill(mx.array([prompt[common:]]), cache)
@@ -222,12 +179,6 @@ class Decoder:
 
     def _keep(self, keep: list[int]):
         if len(keep) == len(self.rows):
-            return
-        if self.session:  # its one row has finished: the session keeps the prompt and the reply but its last token
-            self._drop_queued()
-            row = self.rows[0]
-            self.session.keep(len(row.prompt) + len(row.tokens) - 1)
-            self.rows, self.x, self.g = [], None, None
             return
         if self.prefix_cache is not None:
             for i in sorted(set(range(len(self.rows))) - set(keep)):
@@ -253,14 +204,15 @@ class Decoder:
             self.queued = None
 
 
-def generate_tokens(target: Target, drafter: Drafter | None, session: Session, prompt: list[int], *,
-                    max_tokens: int, params: SamplingParams = SamplingParams(), draft: DraftLength | None = None,
-                    eos_ids: frozenset = frozenset(), seed: int | None = None):
+def generate_tokens(target: Target, drafter: Drafter | None, prompt: list[int], *, max_tokens: int,
+                    params: SamplingParams = SamplingParams(), draft: DraftLength | None = None,
+                    eos_ids: frozenset = frozenset(), seed: int | None = None, chunk: int = 256,
+                    prefix_cache: PrefixCache | None = None):
     """Yield (new tokens, stats) after the prefill and after every round, until EOS or max_tokens (an exact cap).
 
-    The cache ends holding the prompt and every emitted token but the last, so the next prompt of a conversation
-    reuses it (Session.prefill)."""
-    decoder = Decoder(target, drafter, params, draft, eos_ids, session=session)
+    With a prefix cache, the sequence's cache ends there holding the prompt and every emitted token but the last, so
+    the next prompt of a conversation reuses it."""
+    decoder = Decoder(target, drafter, params, draft, eos_ids, chunk=chunk, prefix_cache=prefix_cache)
     row = decoder.add(prompt, max_tokens, seed=seed)
     for new in decoder.follow(row):
         yield new, row.stats

@@ -5,8 +5,9 @@ several prompts at once.
     engine = gemma_mlx.load("path/to/target", drafter="path/to/assistant")
     print(gemma_mlx.generate(engine, "Why is the sky blue?", max_tokens=100).text)
 
-An Engine keeps one conversation's cache: a prompt that extends the previous prompt + reply prefills only the new
-tokens (pass `reuse_cache=False` to start from scratch).
+An Engine keeps the caches of its finished generations (prefix_cache.py, as the server does, up to `cache_mb`): a
+prompt that extends an earlier prompt + reply prefills only the new tokens (`reuse_cache=False` forgets them all
+first).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from .models.gemma4_assistant import Drafter, PairError
 from .models.gemma4_text import Target
 from .sampling import SamplingParams
 from .draft_length import DraftLength
-from .decode import Decoder, Session
+from .decode import Decoder
+from .prefix_cache import PrefixCache
 from .speculative import Stats
 
 
@@ -33,11 +35,12 @@ class Engine:
     tokenizer: object  # mlx_lm TokenizerWrapper
     drafter: Optional[Drafter] = None
     chunk: int = 256
-    session: Session = field(init=False)
+    cache_mb: float = 1024
+    prefix_cache: PrefixCache = field(init=False)
     auto_draft: DraftLength = field(init=False)  # K = auto learns across calls: warm-up is paid once per engine
 
     def __post_init__(self):
-        self.session = Session(self.target, self.chunk)
+        self.prefix_cache = PrefixCache(int(self.cache_mb * 2**20))
         self.auto_draft = DraftLength()
 
     @property
@@ -108,9 +111,10 @@ def stream_generate(engine: Engine, prompt, max_tokens: int = 256, temperature: 
                     reuse_cache: bool = True) -> Iterator[Piece]:
     tokens = engine.encode(prompt)
     if not reuse_cache:
-        engine.session.reset()
+        engine.prefix_cache.clear()
     decoder = Decoder(engine.target, engine.drafter, SamplingParams(temperature, top_p, top_k, min_p),
-                      draft_length(engine, draft_tokens), engine.eos_ids, engine.tokenizer, session=engine.session)
+                      draft_length(engine, draft_tokens), engine.eos_ids, engine.tokenizer, engine.chunk,
+                      prefix_cache=engine.prefix_cache)
     row = decoder.add(tokens, max_tokens, stop_list(stop), seed)
     for new in decoder.follow(row):
         yield Piece(row.stream.take(), new, row.stats, row.finish_reason)

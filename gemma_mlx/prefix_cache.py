@@ -31,6 +31,9 @@ class PrefixCache:
         self.limit = limit_bytes
         self.entries: OrderedDict[tuple, TargetCache] = OrderedDict()  # tokens -> the batch-1 cache holding them
 
+    def clear(self):
+        self.entries.clear()
+
     @property
     def nbytes(self) -> int:
         return sum(c.nbytes() for c in self.entries.values())

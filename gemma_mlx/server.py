@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import json
+import math
 import queue
 import threading
 import time
@@ -38,8 +39,10 @@ from .sampling import SamplingParams
 from .tool_calls import GEMMA4_START, ToolCallText, ToolUse
 
 
-def error(message: str, status: int = 400, param=None, code=None, kind="invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+def error(message: str, status: int = 400, param=None, code=None, kind="invalid_request_error",
+          headers=None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status,
+                        headers=headers)
 
 
 @dataclass
@@ -57,6 +60,7 @@ class Job:
     updates: asyncio.Queue = field(default_factory=asyncio.Queue)
     row: Optional[Row] = None
     cancelled: bool = False
+    started: float = 0.0  # when it joined a batch
 
     def publish(self, final_error: Optional[str] = None):
         """From the worker thread: hand the row's new text (stops.TextStream's, as `generate` gives it) and its end
@@ -67,11 +71,24 @@ class Job:
             self.loop.call_soon_threadsafe(self.updates.put_nowait, (text, done))
 
 
+class QueueFull(Exception):
+    """More requests wait than QUEUE_PER_ROW x max_batch; `retry_after` estimates the seconds until there is room."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
+QUEUE_PER_ROW = 4  # waiting requests per batch row beyond which a request is refused (429) rather than queued
+
+
 class Scheduler:
     """The worker thread: admits jobs between rounds (up to max_batch rows in all), steps every active batch."""
 
     def __init__(self, engine: Engine, max_batch: int = 8, draft_tokens="auto", cache_mb: float = 1024):
         self.engine, self.max_batch, self.draft_tokens = engine, max_batch, draft_tokens
+        self.max_waiting = QUEUE_PER_ROW * max_batch
+        self.job_seconds = 1.0  # a running mean of how long a request holds its row
         self.prefix_cache = PrefixCache(int(cache_mb * 2**20))  # shared by every batch: one target
         self.waiting: queue.Queue[Job] = queue.Queue()
         self.batches: dict[tuple, tuple[Decoder, list[Job]]] = {}
@@ -88,6 +105,10 @@ class Scheduler:
         self.thread.join(timeout=60)
 
     def submit(self, job: Job):
+        """Queue a job, or raise QueueFull when max_waiting jobs already wait."""
+        waiting = self.waiting.qsize()
+        if waiting >= self.max_waiting:
+            raise QueueFull(max(1, math.ceil(self.job_seconds * (1 + waiting / self.max_batch))))
         self.waiting.put(job)
         self.wake.set()
 
@@ -109,6 +130,7 @@ class Scheduler:
                         job.publish()
                         if job.row.finish_reason is not None:
                             jobs.remove(job)
+                            self.job_seconds += 0.2 * (time.perf_counter() - job.started - self.job_seconds)
             except Exception as e:  # the server never dies from a request: fail the jobs in flight, keep going
                 for decoder, jobs in self.batches.values():
                     for job in jobs:
@@ -131,6 +153,7 @@ class Scheduler:
                 self.batches[key] = (Decoder(engine.target, engine.drafter, job.params, draft, engine.eos_ids,
                                              engine.tokenizer, engine.chunk, prefix_cache=self.prefix_cache), [])
             decoder, jobs = self.batches[key]
+            job.started = time.perf_counter()
             job.row = decoder.add(job.prompt, job.max_tokens, job.stops, job.seed)
             job.publish()
             if job.row.finish_reason is None:
@@ -245,7 +268,12 @@ class Api:
         except BadRequest as e:
             return error(str(e), e.status, e.param, e.code)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        self.scheduler.submit(job)
+        try:
+            self.scheduler.submit(job)
+        except QueueFull as e:
+            return error(f"the server is busy ({self.scheduler.max_waiting} requests are waiting); retry after "
+                         f"{e.retry_after} s", 429, code="rate_limit_exceeded", kind="requests",
+                         headers={"Retry-After": str(e.retry_after)})
         if body.get("stream"):
             return StreamingResponse(self.stream(job, rid, chat, include_usage(body)), media_type="text/event-stream")
         text, finish = "", None

@@ -93,10 +93,17 @@ def test_a_draft_is_timed_after_a_verify_as_in_a_round(monkeypatch):
 
     clock = {"t": 0.0, "last": None}
 
-    def target(tokens, cache):
-        clock["t"] += 10.0 + tokens.shape[1]
-        clock["last"] = "target"
-        return mx.zeros((1,))
+    class Target:
+        def __call__(self, tokens, cache):
+            clock["t"] += 10.0 + tokens.shape[1]
+            clock["last"] = "target"
+            return mx.zeros((1,))
+
+        def make_cache(self, batch):
+            return type("Cache", (), {"rollback": lambda self, n: None})()
+
+        def prefill(self, tokens, cache):
+            return None, None
 
     class Drafter:
         def draft(self, target, x, g, cache, k):
@@ -104,16 +111,8 @@ def test_a_draft_is_timed_after_a_verify_as_in_a_round(monkeypatch):
             clock["last"] = "drafter"
             return mx.zeros((1, k))
 
-    class Session:
-        def __init__(self, target):
-            self.cache = type("Cache", (), {"rollback": lambda self, n: None})()
-
-        def prefill(self, prompt):
-            return None, None, len(prompt)
-
-    monkeypatch.setattr(run, "Session", Session)
     monkeypatch.setattr(run.time, "perf_counter", lambda: clock["t"])
-    costs = run.step_costs(target, Drafter(), [2, 3], ks=[1, 3])
+    costs = run.step_costs(Target(), Drafter(), [2, 3], ks=[1, 3])
     assert costs == {"plain": 11.0, "draft1": 2.0, "verify1": 12.0, "draft3": 6.0, "verify3": 14.0}
 
 

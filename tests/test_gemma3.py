@@ -225,15 +225,14 @@ def test_decode_with_rollbacks_equals_never_having_decoded(variant, mlx_target, 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_engine_greedy_matches_transformers_generate(variant, mlx_target, hf_dir):
     """The speculative loop runs a Gemma 3 target unchanged (no drafter: plain pipelined rounds)."""
-    from gemma_mlx.decode import Session, generate_tokens
+    from gemma_mlx.decode import generate_tokens
 
     target = mlx_target(variant)
     n = 2 * W
     with torch.no_grad():
         ref = _hf(str(hf_dir(variant))).generate(torch.tensor([SHORT]), max_new_tokens=n, min_new_tokens=n,
                                                  do_sample=False, eos_token_id=None, pad_token_id=0)
-    ours = [t for new, _ in generate_tokens(target, None, Session(target, chunk=8), SHORT, max_tokens=n)
-            for t in new]
+    ours = [t for new, _ in generate_tokens(target, None, SHORT, max_tokens=n, chunk=8) for t in new]
     assert ours == ref[0, len(SHORT):].tolist()
 
 

@@ -270,12 +270,12 @@ def test_real_gguf_matches_transformers_gguf_loading(real, capsys):
 
 @pytest.mark.slow
 def test_real_gguf_generates(real, capsys):
-    from gemma_mlx.decode import Session, generate_tokens
+    from gemma_mlx.decode import generate_tokens
 
     _, out = real
     model, tok = load_mlx(out), load_tokenizer(out)
     prompt = tok.encode("The capital of France is")
-    gen = generate_tokens(model, None, Session(model), prompt, max_tokens=30)
+    gen = generate_tokens(model, None, prompt, max_tokens=30)
     new, stats = next(gen)
     tokens, t0 = list(new), time.perf_counter()
     for new, stats in gen:

@@ -15,7 +15,8 @@ from gemma_mlx.models.base import FULL, SLIDING
 from gemma_mlx.models.gemma4_assistant import PairError, check_pair
 from gemma_mlx.sampling import SamplingParams, processed_logits
 from gemma_mlx.draft_length import DraftLength
-from gemma_mlx.decode import Session, generate_tokens
+from gemma_mlx.decode import generate_tokens
+from gemma_mlx.prefix_cache import PrefixCache
 
 W = 8  # sliding window of the oracle models
 VARIANTS = ["plain", "nosoftcap", "kvshared", "ple", "moe", "keqv", "e2blike", "mm", "unified"]
@@ -24,13 +25,14 @@ NEW = 3 * W + 2
 
 
 def run(target, drafter, ids, k, max_tokens=NEW, chunk=8, **kw):
-    session = Session(target, chunk=chunk)
+    """(tokens, stats, the prefix cache the finished sequence left its cache in)."""
+    kept = PrefixCache(2**30)
     out, stats = [], None
     draft = DraftLength(fixed=k) if k != "auto" else DraftLength()
-    for new, stats in generate_tokens(target, drafter, session, [int(i) for i in ids], max_tokens=max_tokens,
-                                      draft=draft, **kw):
+    for new, stats in generate_tokens(target, drafter, [int(i) for i in ids], max_tokens=max_tokens, draft=draft,
+                                      chunk=chunk, prefix_cache=kept, **kw):
         out += new
-    return out, stats, session
+    return out, stats, kept
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -107,13 +109,15 @@ def test_compiled_draft_follows_cache_growth_and_weight_updates(pair):
     """The K steps of a round are compiled (models/gemma4_assistant.py): they must stay equal to the same steps run eagerly when the
     full layers' linear buffer grows (a new shape: a new trace) and when the weights change after the first call."""
     target, drafter = pair("plain", False)
-    session = Session(target, chunk=64)
     ids = [2] + np.random.default_rng(7).integers(3, 500, 262).tolist()
+    cache = None
 
     def drafts(n, k=3):
         """(compiled, eager) drafts for x = ids[n] once ids[:n] are cached."""
-        _, g, _ = session.prefill(ids[:n])
-        x, cache = mx.array([[ids[n]]]), session.cache
+        nonlocal cache
+        cache = target.make_cache(1, chunk=64)
+        _, g = target.prefill(mx.array([ids[:n]]), cache)
+        x = mx.array([[ids[n]]])
         eager = drafter._steps(k, target.model.embed, x, g, mx.array(cache.lengths, dtype=mx.int32), drafter.reads(cache),
                                drafter.masks(cache))
         return np.array(drafter.draft(target, x, g, cache, k)).tolist(), np.array(eager).tolist()
@@ -122,7 +126,7 @@ def test_compiled_draft_follows_cache_growth_and_weight_updates(pair):
     for n in range(250, 259):  # the full layers' buffer grows past GROW_STEP = 256 cached positions
         compiled, eager = drafts(n)
         assert compiled == eager, n
-        sizes.add(session.cache.producer(FULL).keys.shape[2])
+        sizes.add(cache.producer(FULL).keys.shape[2])
     assert sizes == {256, 512}
     head = drafter.model.embed_tokens.weight
     try:
@@ -140,7 +144,7 @@ def test_drafter_allocates_no_kv_memory(pair):
     ids = PROMPTS["long"]
     _, _, with_drafter = run(target, ControlledDrafter(drafter, [list(ids) + [0] * 64], 0.5), ids, 4)
     _, _, without = run(target, None, ids, 0)
-    assert with_drafter.cache.nbytes() == without.cache.nbytes() > 0
+    assert with_drafter.nbytes == without.nbytes > 0
     assert not any("cache" in name for name, _ in _named_arrays(drafter))
 
 
@@ -167,30 +171,32 @@ def test_every_eos_id_stops_generation(pair, hf_dir):
     eos = expected[9]
     first = expected.index(eos)
     for k in (0, 4):
-        out, _, session = run(target, ControlledDrafter(drafter, [ids + expected], 0.9), ids, k,
-                              eos_ids=frozenset({12345, eos}))
+        out, _, kept = run(target, ControlledDrafter(drafter, [ids + expected], 0.9), ids, k,
+                           eos_ids=frozenset({12345, eos}))
         assert out == expected[: first + 1]
-        assert session.tokens == ids + out[:-1]  # the cache holds what was emitted, nothing past the stop
-        assert session.cache.lengths.tolist() == [len(session.tokens)]
+        (tokens, cache), = kept.entries.items()
+        assert list(tokens) == ids + out[:-1]  # the cache holds what was emitted, nothing past the stop
+        assert cache.lengths.tolist() == [len(tokens)]
 
 
 def test_follow_up_prompt_prefills_only_new_tokens(pair):
     target, drafter = pair("e2blike", False)
     ids = [int(i) for i in PROMPTS["long"]]
-    session = Session(target, chunk=8)
-    first = [t for new, _ in generate_tokens(target, drafter, session, ids, max_tokens=12,
-                                             draft=DraftLength(fixed=3)) for t in new]
+    kept = PrefixCache(2**30)
+    first = [t for new, _ in generate_tokens(target, drafter, ids, max_tokens=12, draft=DraftLength(fixed=3), chunk=8,
+                                             prefix_cache=kept) for t in new]
     follow = ids + first + [7, 8, 9, 10]
     second, stats = [], None
-    for new, stats in generate_tokens(target, drafter, session, follow, max_tokens=12, draft=DraftLength(fixed=3)):
+    for new, stats in generate_tokens(target, drafter, follow, max_tokens=12, draft=DraftLength(fixed=3), chunk=8,
+                                      prefix_cache=kept):
         second += new
     assert stats.prefill_tokens == 5  # the last reply token was never in the cache, plus the 4 new ones
     fresh, _, _ = run(target, None, follow, 0, max_tokens=12)
     assert second == fresh
     # a prompt that diverges inside the cached text rolls back to the common prefix
     edited = ids[:-2] + [5, 6]
-    third = [t for new, stats in generate_tokens(target, drafter, session, edited, max_tokens=6,
-                                                 draft=DraftLength(fixed=2)) for t in new]
+    third = [t for new, stats in generate_tokens(target, drafter, edited, max_tokens=6, draft=DraftLength(fixed=2),
+                                                 chunk=8, prefix_cache=kept) for t in new]
     assert third == run(target, None, edited, 0, max_tokens=6)[0]
 
 

@@ -147,7 +147,7 @@ def slash_command(conv: Conversation, text: str) -> bool:
     elif command in ("/reset", "/system"):
         conv.messages = [m for m in conv.messages if m["role"] == "system"] if command == "/reset" else (
             [{"role": "system", "content": arg}] if arg else [])
-        conv.engine.session.reset()
+        conv.engine.prefix_cache.clear()
         out.print("[dim]conversation reset[/dim]" if command == "/reset" else
                   "[dim]system prompt set; conversation reset[/dim]")
     elif command == "/stats":
