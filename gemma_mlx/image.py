@@ -27,7 +27,7 @@ class ImageError(ValueError):
     """An image that cannot be used; the message says which and why."""
 
 
-def read_image(source) -> "Image.Image":
+def read_image(source):
     """An RGB image from a path or bytes: not an image, truncated, or larger than MAX_PIXELS is an ImageError."""
     from PIL import Image, UnidentifiedImageError
 
