@@ -194,5 +194,6 @@ def load_drafter(source, target: Target, dtype: str | None = None, progress: boo
         # runs in float32 on the CPU backend (on Metal and CUDA, as stored)
         dequantize_model(model)
         model.set_dtype(mx.float32)
+        mx.eval(model.parameters())  # now, in this thread: a lazy graph cannot be evaluated from another (a server's)
     check_pair(target.config, model.config)
     return model

@@ -428,3 +428,20 @@ def test_a_500_carries_no_traceback(fuzz_http, monkeypatch):
     assert r.status_code == 500 and r.json()["error"] == {"message": "internal server error", "type": "server_error",
                                                           "param": None, "code": None}
     assert "ZeroDivision" not in r.text
+
+
+def test_a_quantized_drafter_serves_from_the_worker_thread(mlx_dir):
+    """On the CPU a quantized drafter is dequantized at load; its weights must be computed there, not left as a
+    graph for the server's worker thread (MLX streams are per thread: that failed every request with a 500)."""
+    from starlette.testclient import TestClient
+
+    engine = gemma_mlx.load(mlx_dir("e2blike"), drafter=mlx_dir("e2blike", quantize=4, ordered=True))
+    app = build_app(engine, "tiny", max_batch=2, draft_tokens=2)
+    try:
+        with TestClient(app) as http:
+            r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                        "max_tokens": 6, "temperature": 0})
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["completion_tokens"] == 6 and r.json()["mtp"]["rounds"] >= 1
+    finally:
+        app.state.scheduler.close()
