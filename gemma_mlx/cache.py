@@ -318,13 +318,13 @@ class TargetCache:
         out.layers = [c.row(i) for c in self.layers]
         return out
 
-    def reads(self, layer_type: str, start: np.ndarray, T: int) -> Reads:
+    def reads(self, layer_type: str, start: np.ndarray, T: int, blocks: np.ndarray | None = None) -> Reads:
         """The slots and mask for a T-token forward from row lengths `start` (taken before it writes), for the
         layers of this type (they all share the producer's lengths and geometry). A decode step on a sliding
-        layer reads its W newest slots, unmasked, not the whole ring."""
+        layer reads its W newest slots, unmasked, not the whole ring. `blocks`: see `visible`."""
         c = self.producer(layer_type)
         slots = c.span(start, T)
-        ok = visible(start, T, c.positions(start + T)[:, slots], c.window)
+        ok = visible(start, T, c.positions(start + T)[:, slots], c.window, blocks)
         return Reads(slots, None if ok.all() else mx.array(ok[:, None]))
 
     def producer(self, layer_type: str) -> LayerCache:
@@ -338,11 +338,19 @@ class TargetCache:
         return [a for c in self.layers if c.keys is not None for a in (c.keys, c.values)]
 
 
-def visible(query_start: np.ndarray, T: int, key_pos: np.ndarray, window: int | None) -> np.ndarray:
-    """Boolean [B, T, S]: query at position q sees keys at 0 <= p <= q (and p > q - window when sliding)."""
+def visible(query_start: np.ndarray, T: int, key_pos: np.ndarray, window: int | None,
+            blocks: np.ndarray | None = None) -> np.ndarray:
+    """Boolean [B, T, S]: query at position q sees keys at 0 <= p <= q (and p > q - window when sliding).
+    `blocks` [B, T]: an image block id per query of this forward (-1 for text); a query also sees the later keys
+    of its own block (Gemma 4's bidirectional attention over an image, design.md "Images")."""
     q = query_start[:, None, None] + np.arange(T)[None, :, None]
     k = key_pos[:, None, :]
     ok = (k >= 0) & (k <= q)
+    if blocks is not None:
+        at = k - query_start[:, None, None]  # the key's index in this forward
+        inside = (at >= 0) & (at < T)
+        key_block = np.take_along_axis(blocks, np.clip(at, 0, T - 1).reshape(len(blocks), -1), 1).reshape(at.shape)
+        ok |= inside & (key_block == blocks[:, :, None]) & (blocks[:, :, None] >= 0)
     if window is not None:
         ok &= k > q - window
     return ok

@@ -98,3 +98,81 @@ def test_bad_images_are_one_clear_error(tmp_path):
     Image.new("L", (9000, 8000)).save(big)  # under Pillow's limit, over ours
     with pytest.raises(ImageError, match="9000 x 8000 pixels, more than 64 megapixels"):
         read_image(big)
+
+
+# --- a prompt with images through the target: logits against Gemma4ForConditionalGeneration ---------------------
+
+IMAGE, BOI, EOI = 500, 503, 504  # the "mm" checkpoint's image, begin- and end-of-image ids
+
+
+@pytest.fixture(scope="module", params=["causal", "bidirectional"])
+def with_images(request, hf_dir, tmp_path_factory):
+    """(transformers model, our target, our vision) for the tiny mm checkpoint: as built (image tokens attend
+    causally, as E2B/E4B's), and with use_bidirectional_attention="vision" (as 26B-A4B's and 31B's: an image attends
+    to itself both ways in the sliding layers)."""
+    import oracle
+    from transformers import GenerationConfig, Gemma4ForConditionalGeneration
+
+    from gemma_mlx.convert import convert
+    from gemma_mlx.loader import load_checkpoint
+
+    if request.param == "causal":
+        src = hf_dir("mm")
+    else:
+        src = tmp_path_factory.mktemp("mmbidir") / "hf"
+        torch.manual_seed(oracle.SEEDS["mm"])
+        text = {**oracle.text_config("mm"), "use_bidirectional_attention": "vision"}
+        model = Gemma4ForConditionalGeneration(oracle._mm_config(text)).eval()
+        oracle.perturb(model, oracle.SEEDS["mm"])
+        model.generation_config = GenerationConfig(bos_token_id=2, eos_token_id=list(oracle.EOS_IDS), pad_token_id=0)
+        model.save_pretrained(src)
+        oracle.save_tokenizer(src)
+    hf = load_model(src).eval()
+    target = load_checkpoint(convert(str(src), tmp_path_factory.mktemp("mmconv") / "t", dtype="fp32", progress=False))
+    vision = Vision(VisionConfig.from_dict(hf.config.vision_config.to_dict(), hf.config.text_config.hidden_size))
+    vision.load_weights([(k.removeprefix("model."), mx.array(v)) for k, v in load_file(str(src / "model.safetensors"))
+                         .items() if k.startswith(("model.vision_tower.", "model.embed_vision."))], strict=True)
+    return hf, target, vision
+
+
+def image_prompt(hf, grids):
+    """Text, an image, text, an image, text, as Gemma 4's processor lays it out: <boi> + one image token per soft
+    token + <eoi> per image."""
+    patch, k2 = hf.config.vision_config.patch_size, hf.config.vision_config.pooling_kernel_size ** 2
+    pixels, positions = patches_of(np.random.default_rng(5), grids, patch, max(w * h for w, h in grids))
+    ids = [2, 40, 41]
+    for i, (w, h) in enumerate(grids):
+        ids += [BOI] + [IMAGE] * (w * h // k2) + [EOI] + [60 + i, 61 + i]
+    return ids, pixels, positions
+
+
+def test_logits_with_images_match_transformers(with_images):
+    hf, target, vision = with_images
+    ids, pixels, positions = image_prompt(hf, [(4, 4), (8, 4)])
+    with torch.no_grad():
+        expected = hf(input_ids=torch.tensor([ids]), pixel_values=torch.tensor(pixels),
+                      image_position_ids=torch.tensor(positions),
+                      mm_token_type_ids=torch.tensor([[int(t == IMAGE) for t in ids]])).logits[0].numpy()
+    where = np.array([[t == IMAGE for t in ids]])
+    features = vision(mx.array(pixels), mx.array(positions))
+    logits, _ = target(mx.array([ids]), target.make_cache(1, chunk=64), images=(where, features))
+    np.testing.assert_allclose(np.array(logits[0]), expected, atol=1e-4, rtol=1e-4)
+    assert (np.array(logits[0]).argmax(-1) == expected.argmax(-1)).all()
+    both_ways = target.config.use_bidirectional_attention == "vision"
+    for chunk in (8, 9) if both_ways else (5, 8, 9):  # 8 and 9 would cut the second image: moved to its start
+        last, _ = target.prefill(mx.array([ids]), target.make_cache(1, chunk=chunk), images=(where, features))
+        np.testing.assert_allclose(np.array(last[0, -1]), expected[-1], atol=1e-4, rtol=1e-4)
+    text_only, _ = target(mx.array([ids]), target.make_cache(1, chunk=64))  # the image tokens as plain ids
+    assert np.abs(np.array(text_only[0, -1]) - expected[-1]).max() > 1e-2
+
+
+def test_an_image_longer_than_the_chunk_is_refused_when_it_attends_both_ways(with_images):
+    hf, target, vision = with_images
+    ids, pixels, positions = image_prompt(hf, [(8, 4)])
+    where = np.array([[t == IMAGE for t in ids]])
+    features = vision(mx.array(pixels), mx.array(positions))
+    if target.config.use_bidirectional_attention == "vision":
+        with pytest.raises(ValueError, match="an image of 8 soft tokens is longer than the prefill chunk"):
+            target.prefill(mx.array([ids]), target.make_cache(1, chunk=4), images=(where, features))
+    else:
+        target.prefill(mx.array([ids]), target.make_cache(1, chunk=4), images=(where, features))

@@ -10,6 +10,7 @@ from typing import Optional
 from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from ..cache import TargetCache
 from .matmul import linear
@@ -193,6 +194,21 @@ class MLP(nn.Module):
         return self.down_proj(geglu(self.gate_proj(x), self.up_proj(x)))
 
 
+def image_chunk_end(where: np.ndarray, s: int, e: int, chunk: int) -> int:
+    """A prefill chunk's end moved back to the start of the image it would cut (an image attends to itself
+    bidirectionally, so it must be in one forward)."""
+    if e >= len(where) or not (where[e - 1] and where[e]):
+        return e
+    b = e - 1
+    while b > 0 and where[b - 1]:
+        b -= 1
+    if b > s:
+        return b
+    n = int(np.argmin(np.append(where[b:], False)))
+    raise ValueError(f"an image of {n} soft tokens is longer than the prefill chunk ({chunk}): make the cache with "
+                     f"a chunk of at least {n}")
+
+
 def cache_for(config, batch: int = 1, chunk: int = 256) -> TargetCache:
     """The target cache of a config (Gemma 4's or Gemma 3's: layer_types, first_shared_layer, sliding_window,
     producer_for): one layer cache per producer layer."""
@@ -212,8 +228,8 @@ class CausalLM(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    def __call__(self, tokens: mx.array, cache: TargetCache, last_only: bool = False):
-        hidden = self.model(tokens, cache)
+    def __call__(self, tokens: mx.array, cache: TargetCache, last_only: bool = False, images=None):
+        hidden = self.model(tokens, cache) if images is None else self.model(tokens, cache, images)
         if last_only:
             hidden = hidden[:, -1:]
         return self.logits(hidden), hidden
@@ -231,10 +247,21 @@ class CausalLM(nn.Module):
         weights = [m.weight for _, m in self.named_modules() if isinstance(m, Linear)]
         return weights + ([self.model.embed_tokens.weight] if self.config.tie_word_embeddings else [])
 
-    def prefill(self, tokens: mx.array, cache: TargetCache):
+    def prefill(self, tokens: mx.array, cache: TargetCache, images=None):
         """Run a prompt through in chunks of at most `cache.chunk` tokens; returns the last position's
-        (logits, hidden)."""
-        for s in range(0, tokens.shape[1], cache.chunk):
-            logits, hidden = self(tokens[:, s : s + cache.chunk], cache, last_only=True)
+        (logits, hidden). `images`: (where [1, T] bool numpy, soft tokens [n, H]) of one row's image tokens; with
+        bidirectional image attention a chunk holds whole images."""
+        s, T = 0, tokens.shape[1]
+        while s < T:
+            e = min(s + cache.chunk, T)
+            part = None
+            if images is not None:
+                where, features = images
+                if getattr(self.config, "use_bidirectional_attention", None) == "vision":
+                    e = image_chunk_end(where[0], s, e, cache.chunk)
+                n0, n = int(where[0, :s].sum()), int(where[0, s:e].sum())
+                part = (where[:, s:e], features[n0 : n0 + n]) if n else None
+            logits, hidden = self(tokens[:, s:e], cache, last_only=True, images=part)
             mx.eval(logits, hidden, cache.state())
+            s = e
         return logits, hidden

@@ -18,6 +18,7 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.models.gemma4_text import Router
 
 from ..cache import Span, TargetCache
@@ -251,19 +252,40 @@ class Gemma4TextModel(nn.Module):
         c = self.per_layer_projection_norm(c.reshape(*tokens.shape, N, P))
         return (c + t) * (2.0**-0.5)
 
-    def __call__(self, tokens: mx.array, cache: TargetCache) -> mx.array:
+    def __call__(self, tokens: mx.array, cache: TargetCache, images: Optional[tuple] = None) -> mx.array:
+        """`images`: (where [B, T] bool numpy, features [n, H]): the image tokens of this forward and their soft
+        tokens (row-major order), which replace the tokens' embeddings (design.md "Images")."""
         cfg = self.cfg
         B, T = tokens.shape
         start = cache.lengths.copy()
         offset = mx.array(start, dtype=mx.int32)
-        reads = {t: cache.reads(t, start, T) for t in set(cfg.layer_types)}
+        blocks = image_blocks(images[0]) if images and cfg.use_bidirectional_attention == "vision" else None
+        reads = {t: cache.reads(t, start, T, blocks if t == SLIDING else None) for t in set(cfg.layer_types)}
+        where = None if images is None else mx.array(images[0])
+        if where is not None:  # image tokens are embedded as <pad> (their own ids may be outside the table)
+            tokens = mx.where(where, cfg.pad_token_id or 0, tokens)
         h = self.embed(tokens)
-        ple = self.per_layer_inputs(tokens, h) if cfg.hidden_size_per_layer_input else None
+        if where is not None:
+            h = merge_images(h, images[0], images[1])
+        ple = self.per_layer_inputs(tokens, h) if cfg.hidden_size_per_layer_input else None  # images: <pad>'s ids
         for i, layer in enumerate(self.layers):
             slots, mask = reads[layer.layer_type]
             c = Span(cache.layers[cfg.kv_source(i)], slots)
             h = layer(h, offset, c, mask, None if ple is None else ple[:, :, i, :])
         return self.norm(h)
+
+
+def image_blocks(where: np.ndarray) -> np.ndarray:
+    """[B, T]: each run of image tokens numbered 0, 1, … per row (one image each), -1 for text."""
+    starts = where & ~np.concatenate([np.zeros_like(where[:, :1]), where[:, :-1]], axis=1)
+    return np.where(where, np.cumsum(starts, axis=1) - 1, -1)
+
+
+def merge_images(h: mx.array, where: np.ndarray, features: mx.array) -> mx.array:
+    """h with the image positions' embeddings replaced by the soft tokens, in row-major order."""
+    flat = h.reshape(-1, h.shape[-1])
+    flat[mx.array(np.flatnonzero(where.reshape(-1)))] = features.astype(h.dtype)
+    return flat.reshape(h.shape)
 
 
 class Target(CausalLM):
