@@ -101,6 +101,8 @@ def _convert(src: str, out: Path, dtype: str, bits: int | None, group_size: int,
                 for k, v in quantizer(name, _cast(name, value, DTYPES[dtype])).items():
                     writer.add(k, v)
         writer.close()
+        if kind == "target" and wrapper and raw.get("vision_config"):
+            _write_vision(source, raw, tmp / "vision", DTYPES[dtype])
         if rec := quantizer.record():
             cfg_out["quantization"] = cfg_out["quantization_config"] = rec
         for name in SIDE_FILES:
@@ -108,6 +110,22 @@ def _convert(src: str, out: Path, dtype: str, bits: int | None, group_size: int,
                 shutil.copyfile(path / name, tmp / name)
         (tmp / "config.json").write_text(json.dumps(cfg_out, indent=2) + "\n")  # last: the dir is complete
     return out
+
+
+VISION_KEYS = ("vision_config", "image_token_id", "boi_token_id", "eoi_token_id", "vision_soft_tokens_per_image")
+
+
+def _write_vision(source, raw: dict, out: Path, dtype):
+    """The vision tower and embed_vision (in `dtype`, not quantized) with their config, in `vision/`: the target
+    loads without them, and they load when an image arrives."""
+    weights = {n: _cast(n, t.read(), dtype) for t in source if (n := w.vision_name(t.name))}
+    if not weights:
+        return
+    out.mkdir()
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    cfg = {k: raw[k] for k in VISION_KEYS if k in raw}
+    cfg["text_hidden_size"] = text_config_of(raw)["hidden_size"]
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def _cast(name: str, value: mx.array, dtype) -> mx.array:

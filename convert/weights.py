@@ -134,6 +134,18 @@ def _unwrap(key: str) -> str | None:
     return key
 
 
+VISION = ("vision_tower.", "embed_vision.")
+
+
+def vision_name(key: str) -> str | None:
+    """A wrapper's vision tensor under gemma4_vision.Vision's name (`vision_tower.…`, `embed_vision.…`; its
+    clipped-linear bounds included), or None."""
+    key = key.removeprefix("model.")
+    if key.startswith(VISION) and not key.endswith(("rotary_emb.inv_freq", "rotary_emb.original_inv_freq")):
+        return key
+    return None
+
+
 def target_names(key: str, cfg: TextConfig, wrapper: bool, mlx: bool) -> list[str]:
     """The converted names of a target tensor: [] to drop it, two for a fused expert gate_up."""
     if wrapper or mlx:

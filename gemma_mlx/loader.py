@@ -19,6 +19,7 @@ import mlx.nn as nn
 from mlx_lm.utils import dequantize_model, load_model, load_tokenizer
 
 from .convert.safetensors_io import SafetensorsError, open_checkpoint
+from .models.gemma4_vision import Vision, VisionConfig
 from .draft_length import K_MAX
 from .models import ConfigError, family, matmul, model_kind
 from .models.gemma4_assistant import Drafter, DrafterConfig, check_pair
@@ -181,6 +182,19 @@ def load_target(source, dtype: str | None = None, progress: bool = True):
         raise LoadError(f"{path}: cannot load the tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     matmul.calibrate(model.projection_weights(), K_MAX + 1, cache_home() / "matmul.json")  # a verify's rows: 1 + K
     return model, tokenizer, path
+
+
+def load_vision(path) -> Vision:
+    """The vision tower and its projection of a converted multimodal target (`vision/` beside its weights)."""
+    d = Path(path) / "vision"
+    if not (d / "config.json").is_file():
+        raise LoadError(f"{path} has no vision tower, so it cannot take images (convert the multimodal gemma4 "
+                        "checkpoint to get one)")
+    raw = json.loads((d / "config.json").read_text())
+    model = Vision(VisionConfig.from_dict(raw["vision_config"], raw["text_hidden_size"]))
+    model.load_weights(list(mx.load(str(d / "model.safetensors")).items()), strict=True)
+    mx.eval(model.parameters())
+    return model
 
 
 def load_drafter(source, target: Target, dtype: str | None = None, progress: bool = True) -> Drafter:

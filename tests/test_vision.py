@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
+from gemma_mlx.loader import load_vision
 from gemma_mlx.models.gemma4_vision import Vision, VisionConfig
 
 from oracle import load_model
@@ -128,11 +129,8 @@ def with_images(request, hf_dir, tmp_path_factory):
         model.save_pretrained(src)
         oracle.save_tokenizer(src)
     hf = load_model(src).eval()
-    target = load_checkpoint(convert(str(src), tmp_path_factory.mktemp("mmconv") / "t", dtype="fp32", progress=False))
-    vision = Vision(VisionConfig.from_dict(hf.config.vision_config.to_dict(), hf.config.text_config.hidden_size))
-    vision.load_weights([(k.removeprefix("model."), mx.array(v)) for k, v in load_file(str(src / "model.safetensors"))
-                         .items() if k.startswith(("model.vision_tower.", "model.embed_vision."))], strict=True)
-    return hf, target, vision
+    converted = convert(str(src), tmp_path_factory.mktemp("mmconv") / "t", dtype="fp32", progress=False)
+    return hf, load_checkpoint(converted), load_vision(converted)  # the converter keeps the tower in vision/
 
 
 def image_prompt(hf, grids):
@@ -176,3 +174,10 @@ def test_an_image_longer_than_the_chunk_is_refused_when_it_attends_both_ways(wit
             target.prefill(mx.array([ids]), target.make_cache(1, chunk=4), images=(where, features))
     else:
         target.prefill(mx.array([ids]), target.make_cache(1, chunk=4), images=(where, features))
+
+
+def test_a_text_only_target_says_it_has_no_vision_tower(mlx_dir):
+    from gemma_mlx.loader import LoadError
+
+    with pytest.raises(LoadError, match="has no vision tower"):
+        load_vision(mlx_dir("plain"))
