@@ -47,6 +47,7 @@ class Row:
     seed: int = 0
     stats: Stats = field(default_factory=Stats)
     cancelled: bool = False
+    first_image: Optional[int] = None  # the prompt's first image token: its cache is kept only up to there
 
     @property
     def tokens(self) -> list:
@@ -78,9 +79,10 @@ class Decoder:
         self.seeds = np.random.default_rng(seed)  # seeds for the rows added without one
         self.ids = itertools.count()
 
-    def add(self, prompt: list[int], max_tokens: int, stops=(), seed: int | None = None) -> Row:
+    def add(self, prompt: list[int], max_tokens: int, stops=(), seed: int | None = None, images=None) -> Row:
         """Prefill a new row and merge it into the batch (between rounds). Sampling draws from the row's own seed
-        (sampling.py), so a seeded row gives the same tokens alone or in any batch."""
+        (sampling.py), so a seeded row gives the same tokens alone or in any batch. `images`: (where, soft
+        tokens) of the prompt's image tokens (models/gemma4_text.py)."""
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         if not prompt:
@@ -89,15 +91,17 @@ class Decoder:
         row = Row(next(self.ids), [int(t) for t in prompt], TextStream(self.tokenizer, self.eos_ids, stops, max_tokens),
                   seed=int(self.seeds.integers(2**63)) if seed is None else int(seed))
         row.stats.prompt_tokens = len(row.prompt)
+        if images is not None:
+            row.first_image = int(np.argmax(images[0][0]))
         t0 = time.perf_counter()
-        cache, logits, hidden, row.stats.prefill_tokens = self._prefill(row.prompt)
+        cache, logits, hidden, row.stats.prefill_tokens = self._prefill(row, images)
         _, first = verify_choices(logits, mx.zeros((1, 0), mx.int32), self.params, [row.seed], [[len(row.prompt)]])
         first = first.astype(mx.int32)
         row.stats.prefill_seconds = time.perf_counter() - t0
         if self._emit(row, [int(first.item())]):
             self.finished.append(row)
             if self.prefix_cache is not None:
-                self.prefix_cache.keep(row.prompt, cache)
+                self._keep_cache(row, row.prompt, cache)
             return row
         self.cache.extend_rows(cache)
         self.x = first if self.x is None else mx.concatenate([self.x, first])
@@ -163,12 +167,19 @@ class Decoder:
     def _start(self, k: int, x: mx.array, g: mx.array) -> Round:
         return Round(self.target, self.drafter, self.cache, x, g, k, self.params, [r.seed for r in self.rows])
 
-    def _prefill(self, prompt: list[int]):
+    def _prefill(self, row: Row, images=None):
         """(the row's cache, last logits, last hidden, tokens run): a new cache, or one started from the prefix cache
-        when it holds a prefix of the prompt."""
-        cache, common = self.prefix_cache.take(prompt) if self.prefix_cache else (None, 0)
+        when it holds a prefix of the prompt (before its first image: image tokens are the same ids for any
+        image)."""
+        prompt = row.prompt
+        known = prompt if row.first_image is None else prompt[: row.first_image + 1]
+        cache, common = self.prefix_cache.take(known) if self.prefix_cache else (None, 0)
         cache = cache or self.target.make_cache(batch=1, chunk=self.chunk)
-        logits, hidden = self.target.prefill(mx.array([prompt[common:]]), cache)
+        rest = mx.array([prompt[common:]])
+        if images is None:
+            logits, hidden = self.target.prefill(rest, cache)
+        else:
+            logits, hidden = self.target.prefill(rest, cache, images=(images[0][:, common:], images[1]))
         return cache, logits, hidden, len(prompt) - common
 
     def _emit(self, row: Row, new: list[int]) -> bool:
@@ -192,8 +203,11 @@ class Decoder:
 
     def _keep_prefix(self, row: Row, i: int):
         """Hand a leaving row's cache, cut to its prompt and reply but the last token, to the prefix cache."""
-        tokens = row.prompt + row.tokens[:-1]
-        cache = self.cache.row(i)
+        self._keep_cache(row, row.prompt + row.tokens[:-1], self.cache.row(i))
+
+    def _keep_cache(self, row: Row, tokens: list[int], cache):
+        """Keep a batch-1 cache holding `tokens`, cut before the row's first image if it has one."""
+        tokens = tokens if row.first_image is None else tokens[: row.first_image]
         if cache.truncate(len(tokens)):
             self.prefix_cache.keep(tokens, cache)
 

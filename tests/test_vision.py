@@ -181,3 +181,82 @@ def test_a_text_only_target_says_it_has_no_vision_tower(mlx_dir):
 
     with pytest.raises(LoadError, match="has no vision tower"):
         load_vision(mlx_dir("plain"))
+
+
+def test_greedy_with_an_image_is_transformers_and_mtp_equals_plain(with_images, mlx_dir):
+    """Prefill with two images, then decode: the first 16 greedy tokens are transformers' generate(); MTP (a drafter
+    right 80% of the time) gives the same tokens as plain decoding, in a batch beside a text-only row too."""
+    from bench.controlled import ControlledDrafter
+    from gemma_mlx.decode import Decoder
+    from gemma_mlx.draft_length import DraftLength
+    from gemma_mlx.loader import load_checkpoint
+
+    hf, target, vision = with_images
+    ids, pixels, positions = image_prompt(hf, [(4, 4), (8, 4)])
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), pixel_values=torch.tensor(pixels),
+                          image_position_ids=torch.tensor(positions),
+                          mm_token_type_ids=torch.tensor([[int(t == IMAGE) for t in ids]]), max_new_tokens=16,
+                          min_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
+    expected = out[0, len(ids):].tolist()
+    images = (np.array([[t == IMAGE for t in ids]]), vision(mx.array(pixels), mx.array(positions)))
+    text = [2, 40, 41, 42, 43, 44]
+    drafter = load_checkpoint(mlx_dir("mm", ordered=True))
+
+    text_alone = decode_text(target, text)
+    references = {0: ids + expected, 1: text + text_alone}  # by row id: the image row is added first
+
+    def decode(k, with_text_row=False):
+        decoder = None
+        controlled = ControlledDrafter(drafter, lambda: [references[r.id] for r in decoder.rows], 0.8, seed=k)
+        decoder = Decoder(target, controlled if k else None, draft=DraftLength(fixed=k), chunk=16)
+        row = decoder.add(ids, 16, images=images)
+        other = decoder.add(text, 16) if with_text_row else None
+        while decoder.rows:
+            decoder.step()
+        return row, other
+
+    plain, _ = decode(0)
+    assert plain.tokens == expected
+    for k in (1, 3):
+        row, text_row = decode(k, with_text_row=True)
+        assert row.tokens == expected and text_row.tokens == text_alone
+        assert row.stats.accepted_tokens > 0  # drafts were taken: the rounds after the image were speculative
+
+
+def decode_text(target, prompt):
+    from gemma_mlx.decode import Decoder
+    from gemma_mlx.draft_length import DraftLength
+
+    decoder = Decoder(target, None, draft=DraftLength(fixed=0), chunk=16)
+    row = decoder.add(prompt, 16)
+    while decoder.rows:
+        decoder.step()
+    return row.tokens
+
+
+def test_the_prefix_cache_never_reuses_an_image(with_images):
+    """Image tokens are the same ids for any image: a prompt resent with another image must not reuse the first
+    one's cache past the text before it."""
+    from gemma_mlx.decode import Decoder
+    from gemma_mlx.draft_length import DraftLength
+    from gemma_mlx.prefix_cache import PrefixCache
+
+    hf, target, vision = with_images
+    ids, pixels, positions = image_prompt(hf, [(4, 4)])
+    where = np.array([[t == IMAGE for t in ids]])
+    other = pixels[:, ::-1].copy()  # the same patches in reverse order: another image
+
+    def decode(pix, kept):
+        decoder = Decoder(target, None, draft=DraftLength(fixed=0), chunk=16, prefix_cache=kept)
+        row = decoder.add(ids, 8, images=(where, vision(mx.array(pix), mx.array(positions))))
+        while decoder.rows:
+            decoder.step()
+        return row
+
+    kept = PrefixCache(2**30)
+    first = decode(pixels, kept)
+    again = decode(other, kept)
+    assert again.tokens == decode(other, None).tokens != first.tokens
+    assert again.stats.prefill_tokens == len(ids) - ids.index(IMAGE)  # only the text before the image was reused
+    assert all(IMAGE not in tokens for tokens in kept.entries)
