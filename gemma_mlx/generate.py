@@ -13,9 +13,14 @@ first).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator, Optional
 
-from .loader import LoadError, load_drafter, load_target
+import mlx.core as mx
+import numpy as np
+
+from . import image
+from .loader import LoadError, load_drafter, load_target, load_vision
 from .models.gemma4_assistant import Drafter, PairError
 from .models.gemma4_text import Target
 from .sampling import SamplingParams
@@ -36,12 +41,14 @@ class Engine:
     drafter: Optional[Drafter] = None
     chunk: int = 256
     cache_mb: float = 1024
+    path: Optional[Path] = None  # the converted target's dir (its vision/ is loaded for the first image)
     prefix_cache: PrefixCache = field(init=False)
     auto_draft: DraftLength = field(init=False)  # K = auto learns across calls: warm-up is paid once per engine
 
     def __post_init__(self):
         self.prefix_cache = PrefixCache(int(self.cache_mb * 2**20))
         self.auto_draft = DraftLength()
+        self.vision = None
 
     @property
     def eos_ids(self) -> frozenset:
@@ -65,13 +72,39 @@ class Engine:
                 raise ChatTemplateError(f"the chat template refused the messages: {e}") from None
         return list(prompt)
 
+    def encode_images(self, prompt) -> tuple[list[int], Optional[tuple]]:
+        """`encode`, and for chat messages with image parts (image.image_parts) the images: each image's token
+        expanded to its soft tokens, and (where [1, T], soft tokens) for Decoder.add; (ids, None) without images."""
+        if not (prompt and isinstance(prompt, list) and isinstance(prompt[0], dict)):
+            return self.encode(prompt), None
+        messages, sources = image.image_parts(prompt)
+        ids = self.encode(messages)
+        if not sources:
+            return ids, None
+        if self.vision is None:
+            if self.path is None:
+                raise LoadError("this engine was not loaded from a dir, so it has no vision tower")
+            self.vision = load_vision(self.path)
+        vision, cfg = self.vision
+        v = cfg["vision_config"]
+        patches = [image.to_patches(s if hasattr(s, "convert") else image.read_image(s), v["patch_size"],
+                                    cfg.get("vision_soft_tokens_per_image", 280), v["pooling_kernel_size"])
+                   for s in sources]
+        if ids.count(cfg["image_token_id"]) != len(sources):
+            raise image.ImageError(f"the chat template wrote {ids.count(cfg['image_token_id'])} image tokens for "
+                                   f"{len(sources)} images")
+        ids = image.expand(ids, cfg["image_token_id"], cfg["boi_token_id"], cfg["eoi_token_id"],
+                           [n for _, _, n in patches])
+        features = vision(mx.array(np.stack([p for p, _, _ in patches])), mx.array(np.stack([q for _, q, _ in patches])))
+        return ids, (np.array([[t == cfg["image_token_id"] for t in ids]]), features)
+
 
 def load(target, drafter=None, dtype: str | None = None, progress: bool = True) -> Engine:
     """Load a target and optionally its MTP drafter (a local dir, a converted dir or a hub id; a hub id or a Hugging
     Face dir is converted once, in `dtype`: by default fp32 on MLX's CPU backend, bf16 on Metal and CUDA). A drafter
     that does not fit the target (hidden size, vocabulary, KV geometry) is refused with the reason (PairError)."""
-    model, tokenizer, _ = load_target(target, dtype, progress)
-    engine = Engine(model, tokenizer)
+    model, tokenizer, path = load_target(target, dtype, progress)
+    engine = Engine(model, tokenizer, path=path)
     if drafter is not None:
         engine.drafter = load_drafter(drafter, model, dtype, progress)
     return engine
@@ -109,13 +142,13 @@ def draft_length(engine: Engine, draft_tokens) -> DraftLength:
 def stream_generate(engine: Engine, prompt, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                     top_k: int = 0, min_p: float = 0.0, draft_tokens="auto", stop=(), seed: int | None = None,
                     reuse_cache: bool = True) -> Iterator[Piece]:
-    tokens = engine.encode(prompt)
+    tokens, images = engine.encode_images(prompt)
     if not reuse_cache:
         engine.prefix_cache.clear()
     decoder = Decoder(engine.target, engine.drafter, SamplingParams(temperature, top_p, top_k, min_p),
                       draft_length(engine, draft_tokens), engine.eos_ids, engine.tokenizer, engine.chunk,
                       prefix_cache=engine.prefix_cache)
-    row = decoder.add(tokens, max_tokens, stop_list(stop), seed)
+    row = decoder.add(tokens, max_tokens, stop_list(stop), seed, images)
     for new in decoder.follow(row):
         yield Piece(row.stream.take(), new, row.stats, row.finish_reason)
 
@@ -138,7 +171,10 @@ def generate_batch(engine: Engine, prompts, max_tokens: int = 256, temperature: 
     decoder = Decoder(engine.target, engine.drafter, SamplingParams(temperature, top_p, top_k, min_p),
                       draft_length(engine, draft_tokens), engine.eos_ids, engine.tokenizer, engine.chunk)
     seeds = seed if isinstance(seed, (list, tuple)) else [seed] * len(prompts)
-    rows = [decoder.add(engine.encode(p), max_tokens, stop_list(stop), s) for p, s in zip(prompts, seeds)]
+    rows = []
+    for p, s in zip(prompts, seeds):
+        tokens, images = engine.encode_images(p)
+        rows.append(decoder.add(tokens, max_tokens, stop_list(stop), s, images))
     while decoder.rows:
         decoder.step()
     return [Generation(r.stream.text, r.tokens, r.stats, r.finish_reason) for r in rows]

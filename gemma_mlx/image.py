@@ -13,6 +13,7 @@ the prompt.
 
 from __future__ import annotations
 
+import base64
 import io
 import math
 from pathlib import Path
@@ -87,3 +88,52 @@ def to_patches(image, patch_size: int = 16, soft_tokens: int = 280,
     out_positions = -np.ones((max_patches, 2), np.int32)
     out_pixels[: len(patches)], out_positions[: len(patches)] = patches, positions
     return out_pixels, out_positions, len(patches) // pooling**2
+
+
+def image_parts(messages: list[dict]) -> tuple[list[dict], list]:
+    """(the messages with each image part as {"type": "image"}, which the chat template writes as its image token;
+    the images, in order). A part is {"type": "image", "image": path | bytes | PIL image} or OpenAI's
+    {"type": "image_url", "image_url": {"url": "data:image/...;base64,..." | a local path}}."""
+    out, images = [], []
+    for m in messages:
+        content = m.get("content")
+        if not isinstance(content, list):
+            out.append(m)
+            continue
+        parts = []
+        for p in content:
+            if isinstance(p, dict) and p.get("type") in ("image", "image_url"):
+                images.append(p.get("image") if p["type"] == "image" else url_image(p.get("image_url")))
+                parts.append({"type": "image"})
+            else:
+                parts.append(p)
+        out.append({**m, "content": parts})
+    return out, images
+
+
+def url_image(image_url) -> bytes | str:
+    """An OpenAI image_url's image: a data: URL's bytes, or a local path (remote URLs are not fetched)."""
+    url = image_url.get("url") if isinstance(image_url, dict) else image_url
+    if not isinstance(url, str) or not url:
+        raise ImageError("image_url must be {\"url\": \"data:image/...;base64,...\"} or a local file")
+    if url.startswith("data:"):
+        try:
+            return base64.b64decode(url.split(",", 1)[1], validate=True)
+        except (IndexError, ValueError):
+            raise ImageError("the image's data: URL is not base64") from None
+    if url.startswith(("http://", "https://")):
+        raise ImageError("remote image URLs are not fetched: send the image as a data: URL or a local path")
+    return url.removeprefix("file://")
+
+
+def expand(ids: list[int], image_id: int, boi: int, eoi: int, counts: list[int]) -> list[int]:
+    """Each image token the template wrote becomes <boi>, one image token per soft token, <eoi> (as Gemma 4's
+    processor does)."""
+    out, i = [], 0
+    for t in ids:
+        if t == image_id:
+            out += [boi] + [image_id] * counts[i] + [eoi]
+            i += 1
+        else:
+            out.append(t)
+    return out

@@ -184,8 +184,9 @@ def load_target(source, dtype: str | None = None, progress: bool = True):
     return model, tokenizer, path
 
 
-def load_vision(path) -> Vision:
-    """The vision tower and its projection of a converted multimodal target (`vision/` beside its weights)."""
+def load_vision(path) -> tuple[Vision, dict]:
+    """The vision tower and its projection of a converted multimodal target (`vision/` beside its weights), and its
+    config (vision_config, the image token ids, soft tokens per image)."""
     d = Path(path) / "vision"
     if not (d / "config.json").is_file():
         raise LoadError(f"{path} has no vision tower, so it cannot take images (convert the multimodal gemma4 "
@@ -194,7 +195,7 @@ def load_vision(path) -> Vision:
     model = Vision(VisionConfig.from_dict(raw["vision_config"], raw["text_hidden_size"]))
     model.load_weights(list(mx.load(str(d / "model.safetensors")).items()), strict=True)
     mx.eval(model.parameters())
-    return model
+    return model, raw
 
 
 def load_drafter(source, target: Target, dtype: str | None = None, progress: bool = True) -> Drafter:

@@ -235,12 +235,12 @@ CHAT_TEMPLATE = (
     "{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}"
     "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
-# Gemma 4's turn and tool tokens at their real ids, and a chat template of ours in Gemma 4's tool format (the
-# checkpoints' own template renders the same markers; this one is shorter): tools declared in the system turn, the
-# model's calls, the tools' results.
+# Gemma 4's turn and tool tokens at their real ids (and image tokens at the mm checkpoint's), and a chat template of
+# ours in Gemma 4's format (the checkpoints' own template renders the same markers; this one is shorter): tools
+# declared in the system turn, the model's calls, the tools' results, an image part as <|image|>.
 GEMMA4_SPECIAL = {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 46: "<|tool>", 47: "<tool|>", 48: "<|tool_call>",
                   49: "<tool_call|>", 50: "<|tool_response>", 51: "<tool_response|>", 52: '<|"|>', 105: "<|turn>",
-                  106: "<turn|>"}
+                  106: "<turn|>", 500: "<|image|>", 503: "<|image>", 504: "<image|>"}  # the mm checkpoint's image ids
 GEMMA4_TOOLS_TEMPLATE = (
     "{% macro value(v) %}{% if v is string %}<|\"|>{{ v }}<|\"|>{% else %}{{ v | tojson }}{% endif %}"
     "{% endmacro %}"
@@ -254,7 +254,9 @@ GEMMA4_TOOLS_TEMPLATE = (
     "{% for c in m['tool_calls'] or [] %}<|tool_call>call:{{ c['function']['name'] + '{' }}"
     "{% for k, v in c['function']['arguments'] | dictsort %}{{ k }}:{{ value(v) }}{{ ',' if not loop.last }}"
     "{% endfor %}{{ '}' }}<tool_call|>{% endfor %}"
-    "{{ m['content'] | trim }}<turn|>\n{% endif %}"
+    "{% if m['content'] is string %}{{ m['content'] | trim }}{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'image' %}<|image|>{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<turn|>\n{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|turn>model\n{% endif %}"
 )

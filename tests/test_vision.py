@@ -130,7 +130,7 @@ def with_images(request, hf_dir, tmp_path_factory):
         oracle.save_tokenizer(src)
     hf = load_model(src).eval()
     converted = convert(str(src), tmp_path_factory.mktemp("mmconv") / "t", dtype="fp32", progress=False)
-    return hf, load_checkpoint(converted), load_vision(converted)  # the converter keeps the tower in vision/
+    return hf, load_checkpoint(converted), load_vision(converted)[0]  # the converter keeps it in vision/
 
 
 def image_prompt(hf, grids):
@@ -260,3 +260,54 @@ def test_the_prefix_cache_never_reuses_an_image(with_images):
     assert again.tokens == decode(other, None).tokens != first.tokens
     assert again.stats.prefill_tokens == len(ids) - ids.index(IMAGE)  # only the text before the image was reused
     assert all(IMAGE not in tokens for tokens in kept.entries)
+
+
+def test_generate_takes_chat_messages_with_images(hf_dir, mlx_dir, tmp_path):
+    """gemma_mlx.generate with an image part (a file, a data: URL): the chat template's image token expanded to the
+    image's soft tokens as Gemma 4's processor lays them out, and the reply transformers generates from the same
+    pixels."""
+    import base64
+    import json
+    import shutil
+
+    import gemma_mlx
+    from oracle import save_tokenizer
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    d = tmp_path / "mm"
+    shutil.copytree(mlx_dir("mm"), d)
+    save_tokenizer(d, gemma4_tools=True)  # a template that writes image parts as <|image|> (id 500)
+    cfg = json.loads((d / "vision" / "config.json").read_text())
+    (d / "vision" / "config.json").write_text(json.dumps({**cfg, "vision_soft_tokens_per_image": 70}))
+    engine = gemma_mlx.load(d)
+    path = png(tmp_path, 40, 24, seed=3)
+    url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    hf = load_model(hf_dir("mm")).eval()
+    processed = Gemma4ImageProcessorPil(patch_size=4, pooling_kernel_size=2, max_soft_tokens=70)(
+        images=[read_image(path)])
+    n = processed["num_soft_tokens_per_image"][0]
+    for part in ({"type": "image", "image": str(path)}, {"type": "image_url", "image_url": {"url": url}}):
+        messages = [{"role": "user", "content": [{"type": "text", "text": "look at"}, part]}]
+        ids, images = engine.encode_images(messages)
+        text_ids = engine.encode([{"role": "user", "content": [{"type": "text", "text": "look at"},
+                                                               {"type": "image"}]}])
+        i = text_ids.index(IMAGE)
+        assert ids == text_ids[:i] + [BOI] + [IMAGE] * n + [EOI] + text_ids[i + 1:]
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([ids]), pixel_values=torch.tensor(np.asarray(processed["pixel_values"])),
+                              image_position_ids=torch.tensor(np.asarray(processed["image_position_ids"])),
+                              max_new_tokens=12, min_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+        reply = gemma_mlx.generate(engine, messages, max_tokens=12, reuse_cache=False)
+        assert reply.tokens == out[0, len(ids):].tolist()
+
+
+def test_an_image_to_a_text_only_checkpoint_is_one_clear_error(mlx_dir, tmp_path):
+    import gemma_mlx
+    from gemma_mlx.loader import LoadError
+
+    engine = gemma_mlx.load(mlx_dir("plain"))
+    with pytest.raises(LoadError, match="no vision tower"):
+        engine.encode_images([{"role": "user", "content": [{"type": "image", "image": str(png(tmp_path, 8, 8))}]}])
+    with pytest.raises(ImageError, match="remote image URLs are not fetched"):
+        engine.encode_images([{"role": "user", "content": [{"type": "image_url",
+                                                            "image_url": {"url": "https://example.com/a.png"}}]}])
