@@ -72,13 +72,13 @@ class Engine:
                 raise ChatTemplateError(f"the chat template refused the messages: {e}") from None
         return list(prompt)
 
-    def encode_images(self, prompt) -> tuple[list[int], Optional[tuple]]:
+    def encode_images(self, prompt, tools: Optional[list] = None) -> tuple[list[int], Optional[tuple]]:
         """`encode`, and for chat messages with image parts (image.image_parts) the images: each image's token
         expanded to its soft tokens, and (where [1, T], soft tokens) for Decoder.add; (ids, None) without images."""
         if not (prompt and isinstance(prompt, list) and isinstance(prompt[0], dict)):
-            return self.encode(prompt), None
+            return self.encode(prompt, tools), None
         messages, sources = image.image_parts(prompt)
-        ids = self.encode(messages)
+        ids = self.encode(messages, tools)
         if not sources:
             return ids, None
         if self.vision is None:
@@ -96,6 +96,7 @@ class Engine:
         ids = image.expand(ids, cfg["image_token_id"], cfg["boi_token_id"], cfg["eoi_token_id"],
                            [n for _, _, n in patches])
         features = vision(mx.array(np.stack([p for p, _, _ in patches])), mx.array(np.stack([q for _, q, _ in patches])))
+        mx.eval(features)  # here: the server decodes in another thread, and MLX's streams are per thread
         return ids, (np.array([[t == cfg["image_token_id"] for t in ids]]), features)
 
 

@@ -171,14 +171,18 @@ def check_tools(tools) -> set:
     return names
 
 
-def message_text(content, i: int) -> str:
+def message_text(content, i: int):
+    """A message's content: a string, text parts joined, or (with images) the text and image_url parts as a list."""
     if isinstance(content, str):
         return content
     parts = content if isinstance(content, list) else None
-    if parts is None or not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                                for p in parts):
-        raise BadRequest(f"messages[{i}].content must be a string or a list of text parts",
+    if parts is None or not all(isinstance(p, dict) and (p.get("type") == "text" and isinstance(p.get("text"), str)
+                                                         or p.get("type") == "image_url") for p in parts):
+        raise BadRequest(f"messages[{i}].content must be a string or a list of text and image_url parts",
                          param=f"messages[{i}].content")
+    if any(p["type"] == "image_url" for p in parts):
+        return [{"type": "text", "text": p["text"]} if p["type"] == "text" else
+                {"type": "image_url", "image_url": p.get("image_url")} for p in parts]
     return "".join(p["text"] for p in parts)
 
 

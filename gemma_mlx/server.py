@@ -31,7 +31,8 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from .decode import Decoder, Row
-from .generate import ChatTemplateError, Engine, draft_length
+from .generate import ChatTemplateError, Engine, LoadError, draft_length
+from .image import ImageError
 from .openai_request import (MAX_BODY_BYTES, BadRequest, chat_messages, check_tool_messages, check_unsupported,
                              draft_setting, include_usage, is_int, number, stop_strings, tool_use)
 from .prefix_cache import PrefixCache
@@ -57,6 +58,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     draft: object = None  # "auto" or a fixed K for this request; None: the server's setting
     tools: Optional[ToolUse] = None
+    images: Optional[tuple] = None  # the prompt's image tokens and soft tokens (Decoder.add)
     updates: asyncio.Queue = field(default_factory=asyncio.Queue)
     row: Optional[Row] = None
     cancelled: bool = False
@@ -154,7 +156,11 @@ class Scheduler:
                                              engine.tokenizer, engine.chunk, prefix_cache=self.prefix_cache), [])
             decoder, jobs = self.batches[key]
             job.started = time.perf_counter()
-            job.row = decoder.add(job.prompt, job.max_tokens, job.stops, job.seed)
+            try:
+                job.row = decoder.add(job.prompt, job.max_tokens, job.stops, job.seed, job.images)
+            except Exception as e:  # its prefill failed: it alone fails (it is in no batch yet)
+                job.publish(final_error=f"internal error: {e}")
+                continue
             job.publish()
             if job.row.finish_reason is None:
                 jobs.append(job)
@@ -183,21 +189,24 @@ async def request_body(request: Request) -> dict:
     return body
 
 
-def request_prompt(body: dict, engine: Engine, chat: bool, tools: Optional[ToolUse]) -> list[int]:
-    """The prompt's tokens; a `tool_choice` that forces a call adds the call's opening (tool_calls.forced_prefix)."""
+def request_prompt(body: dict, engine: Engine, chat: bool, tools: Optional[ToolUse]) -> tuple[list[int], tuple]:
+    """The prompt's tokens and its images (None without); a `tool_choice` that forces a call adds the call's
+    opening (tool_calls.forced_prefix)."""
     if chat:
         try:
             messages = chat_messages(body.get("messages"))
             check_tool_messages(messages, engine.tokenizer)
-            prompt = engine.encode(messages, tools=tools and tools.tools)
+            prompt, images = engine.encode_images(messages, tools=tools and tools.tools)
             return prompt + (list(engine.tokenizer.encode(tools.prefix, add_special_tokens=False))
-                             if tools and tools.prefix else [])
+                             if tools and tools.prefix else []), images
         except ChatTemplateError as e:
             raise BadRequest(str(e).replace("--raw in the CLI, ", ""), param="messages") from None
+        except (ImageError, LoadError) as e:  # not an image, too large, remote, or no vision tower
+            raise BadRequest(str(e), param="messages") from None
     text = body.get("prompt")
     if not isinstance(text, str) or not text:
         raise BadRequest("prompt must be a non-empty string", param="prompt")
-    return engine.encode(text)
+    return engine.encode(text), None
 
 
 def read_job(body: dict, engine: Engine, chat: bool) -> Job:
@@ -207,7 +216,7 @@ def read_job(body: dict, engine: Engine, chat: bool) -> Job:
         raise BadRequest("model must be a string", param="model")
     check_unsupported(body)
     tools = tool_use(body, engine.tokenizer, chat)
-    prompt = request_prompt(body, engine, chat, tools)
+    prompt, images = request_prompt(body, engine, chat, tools)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 256))
     if not is_int(max_tokens) or max_tokens < 1:
         raise BadRequest("max_tokens must be a positive integer", param="max_tokens")
@@ -226,7 +235,7 @@ def read_job(body: dict, engine: Engine, chat: bool) -> Job:
     if tools and engine.tokenizer.tool_call_start == GEMMA4_START:  # a call's turn ends where its result would go
         stops += ("<|tool_response>",)
     return Job(prompt, max_tokens, params, stops, seed, asyncio.get_running_loop(), draft=draft_setting(body, engine),
-               tools=tools)
+               tools=tools, images=images)
 
 
 def usage(job: Job) -> dict:

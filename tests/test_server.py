@@ -328,7 +328,10 @@ MALFORMED = [  # (method, route, body: bytes or a dict merged into OK (None drop
     ("POST", CHAT, {"messages": [{"role": "user"}]}, 400, "messages[0].content"),
     ("POST", CHAT, {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
     ("POST", CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-     400, "messages[0].content"),
+     400, "messages"),  # a text-only checkpoint: no vision tower
+    ("POST", CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": 5}]}]}, 400,
+     "messages"),
+    ("POST", CHAT, {"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, 400, "messages[0].content"),
     ("POST", CHAT, {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, 400, "messages[0].content"),
     ("POST", CHAT, {"max_tokens": -5}, 400, "max_tokens"),
     ("POST", CHAT, {"max_tokens": 0}, 400, "max_tokens"),
@@ -445,3 +448,24 @@ def test_a_quantized_drafter_serves_from_the_worker_thread(mlx_dir):
             assert r.json()["usage"]["completion_tokens"] == 6 and r.json()["mtp"]["rounds"] >= 1
     finally:
         app.state.scheduler.close()
+
+
+def test_a_request_whose_prefill_fails_gets_a_500_and_the_server_goes_on(mlx_dir, monkeypatch):
+    """An exception in a new row's prefill fails that request (it was in no batch yet, so nothing else told it: it
+    used to wait forever), and the next request is served."""
+    from gemma_mlx.decode import Decoder
+
+    real_add, calls = Decoder.add, []
+
+    def add_failing_once(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("prefill failed")
+        return real_add(self, *args, **kwargs)
+
+    monkeypatch.setattr(Decoder, "add", add_failing_once)
+    with http_on(gemma_mlx.load(mlx_dir("e2blike"))) as http:
+        r = http.post("/v1/chat/completions", json={**OK, "temperature": 0}, timeout=30)
+        assert r.status_code == 500 and "prefill failed" in r.json()["error"]["message"]
+        r = http.post("/v1/chat/completions", json={**OK, "temperature": 0}, timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2

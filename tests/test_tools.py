@@ -108,7 +108,7 @@ def test_tools_and_tool_results_go_through_the_template_as_transformers_renders_
 
     hf = AutoTokenizer.from_pretrained(tools_engine.tokenizer._tokenizer.name_or_path)
     body = {"messages": CONVERSATION, "tools": [WEATHER, TIME]}
-    ours = request_prompt(body, tools_engine, True, tool_use(body, tools_engine.tokenizer, True))
+    ours, _ = request_prompt(body, tools_engine, True, tool_use(body, tools_engine.tokenizer, True))
     conversation = json.loads(json.dumps(CONVERSATION))
     conversation[1]["content"] = ""
     conversation[1]["tool_calls"][0]["function"]["arguments"] = {"city": "Paris"}
@@ -118,7 +118,7 @@ def test_tools_and_tool_results_go_through_the_template_as_transformers_renders_
     text = hf.decode(ours)
     assert "declaration:get_time" in text and "call:get_weather{city:" in text and "response:get_weather" in text
     forced = {**body, "tool_choice": {"type": "function", "function": {"name": "get_time"}}}
-    prompt = request_prompt(forced, tools_engine, True, tool_use(forced, tools_engine.tokenizer, True))
+    prompt, _ = request_prompt(forced, tools_engine, True, tool_use(forced, tools_engine.tokenizer, True))
     assert prompt[: len(ours)] == ours and hf.decode(prompt[len(ours):]) == "<|tool_call>call:get_time{"
 
 

@@ -311,3 +311,52 @@ def test_an_image_to_a_text_only_checkpoint_is_one_clear_error(mlx_dir, tmp_path
     with pytest.raises(ImageError, match="remote image URLs are not fetched"):
         engine.encode_images([{"role": "user", "content": [{"type": "image_url",
                                                             "image_url": {"url": "https://example.com/a.png"}}]}])
+
+
+def test_the_server_takes_image_url_parts_and_the_cli_takes_image(hf_dir, mlx_dir, tmp_path):
+    """An OpenAI image_url data: URL in the server, `generate --image` in the CLI: the reply gemma_mlx.generate gives
+    for the same image; bad images are a 400 / one line."""
+    import base64
+    import json
+    import shutil
+
+    from starlette.testclient import TestClient
+    from typer.testing import CliRunner
+
+    import gemma_mlx
+    from gemma_mlx.cli import app as cli
+    from gemma_mlx.server import build_app
+    from oracle import save_tokenizer
+
+    d = tmp_path / "mm"
+    shutil.copytree(mlx_dir("mm"), d)
+    save_tokenizer(d, gemma4_tools=True)
+    cfg = json.loads((d / "vision" / "config.json").read_text())
+    (d / "vision" / "config.json").write_text(json.dumps({**cfg, "vision_soft_tokens_per_image": 70}))
+    engine = gemma_mlx.load(d)
+    path = png(tmp_path, 30, 30, seed=4)
+    url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    expected = gemma_mlx.generate(engine, [{"role": "user", "content": [{"type": "image", "image": str(path)},
+                                                                        {"type": "text", "text": "what"}]}],
+                                  max_tokens=6, reuse_cache=False).text
+    app = build_app(engine, "tiny", max_batch=2, draft_tokens=0)
+    try:
+        with TestClient(app) as http:
+            body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                              {"type": "text", "text": "what"}]}],
+                    "max_tokens": 6, "temperature": 0}
+            r = http.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == expected
+            body["messages"][0]["content"][0]["image_url"]["url"] = "data:image/png;base64," + base64.b64encode(
+                b"not a png").decode()
+            r = http.post("/v1/chat/completions", json=body)
+            assert r.status_code == 400 and "not an image" in r.json()["error"]["message"]
+    finally:
+        app.state.scheduler.close()
+    result = CliRunner().invoke(cli, ["generate", "--model", str(d), "--drafter", "none", "--prompt", "what",
+                                      "--image", str(path), "--max-tokens", "6", "--temp", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["text"] == expected
+    result = CliRunner().invoke(cli, ["generate", "--model", str(d), "--drafter", "none", "--prompt", "what",
+                                      "--image", str(tmp_path / "missing.png")])
+    assert result.exit_code == 1 and "no such file" in result.output and "Traceback" not in result.output

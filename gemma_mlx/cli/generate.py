@@ -44,6 +44,8 @@ def generate(
     chat_template: bool = typer.Option(True, "--chat/--raw", help="Wrap prompts in the chat template (default) "
                                        "or feed them raw."),
     batch_size: int = typer.Option(1, "--batch-size", "-b", help="Prompts decoded together (batch mode)."),
+    images: Optional[list[Path]] = typer.Option(None, "--image", help="An image for every prompt, before its text "
+                                                "(repeatable; needs a target converted from a multimodal gemma4)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per prompt on stdout (text, tokens, stats)."),
     demo: bool = typer.Option(False, "--demo", help="The demo pair (Gemma 3 270M + its distilled drafter): each "
                               "prompt greedy with MTP and without, compared \\[default prompts: 4 built-in ones, "
@@ -69,7 +71,7 @@ def generate(
     check_sampling(temp, top_p, max_tokens)
     prompts = read_prompts(prompt, prompts_file)
     engine = load_engine(model, drafter)
-    inputs = [[{"role": "user", "content": p}] if chat_template else p for p in prompts]
+    inputs = prompt_inputs(prompts, chat_template, images or [])
     kwargs = dict(max_tokens=max_tokens, temperature=temp, top_p=top_p, draft_tokens=draft, seed=seed)
     if batch_size > 1:
         if not hasattr(gemma_mlx, "generate_batch"):
@@ -86,6 +88,16 @@ def generate(
         else:
             out.print(r.text)
             err.print(f"[dim]{status_line(r.stats)}[/dim]")
+
+
+def prompt_inputs(prompts: list[str], chat_template: bool, images: list[Path]) -> list:
+    """What generate takes for each prompt: the text, or a user message (the images first, then the text)."""
+    if not chat_template:
+        if images:
+            raise UserError("--image needs the chat template: drop --raw")
+        return prompts
+    parts = [{"type": "image", "image": str(i)} for i in images]
+    return [[{"role": "user", "content": parts + [{"type": "text", "text": p}] if parts else p}] for p in prompts]
 
 
 def read_prompts(prompt: Optional[str], prompts_file: Optional[Path]) -> list[str]:
