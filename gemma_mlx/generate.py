@@ -51,6 +51,10 @@ class Engine:
         self.vision = None
 
     @property
+    def has_vision(self) -> bool:
+        return self.path is not None and (Path(self.path) / "vision" / "config.json").is_file()
+
+    @property
     def eos_ids(self) -> frozenset:
         return frozenset(self.tokenizer.eos_token_ids)
 

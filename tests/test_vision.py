@@ -360,3 +360,20 @@ def test_the_server_takes_image_url_parts_and_the_cli_takes_image(hf_dir, mlx_di
     result = CliRunner().invoke(cli, ["generate", "--model", str(d), "--drafter", "none", "--prompt", "what",
                                       "--image", str(tmp_path / "missing.png")])
     assert result.exit_code == 1 and "no such file" in result.output and "Traceback" not in result.output
+
+
+def test_chat_image_attaches_an_image_to_the_next_message(mlx_dir, tmp_path, capsys):
+    import gemma_mlx
+    from gemma_mlx.cli.chat import Conversation, slash_command, user_message
+
+    path = str(png(tmp_path, 16, 16))
+    conv = Conversation(gemma_mlx.load(mlx_dir("mm")), [], "auto")
+    slash_command(conv, f"/image {tmp_path / 'missing.png'}")
+    slash_command(conv, f"/image {path}")
+    assert conv.images == [path] and "no such file" in capsys.readouterr().out
+    assert user_message(conv, "what is it") == {"role": "user", "content": [
+        {"type": "image", "image": path}, {"type": "text", "text": "what is it"}]}
+    assert user_message(conv, "and now") == {"role": "user", "content": "and now"}  # attached once
+    text_only = Conversation(gemma_mlx.load(mlx_dir("plain")), [], "auto")
+    slash_command(text_only, f"/image {path}")
+    assert not text_only.images and "no vision tower" in capsys.readouterr().out

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import typer
@@ -30,6 +30,7 @@ HELP = """commands:
   /stats            acceptance per draft position of the last reply
   /draft on|off|N|auto   drafting: auto (default), off (plain decoding) or a fixed K
   /system TEXT      set the system prompt (resets the conversation)
+  /image PATH       attach an image to your next message (a target with a vision tower)
   /help             this help
   /exit             quit (Ctrl-D works too; Ctrl-C stops a reply)"""
 
@@ -102,7 +103,7 @@ def chat(
             if not slash_command(conv, text):
                 return
             continue
-        conv.messages.append({"role": "user", "content": text})
+        conv.messages.append(user_message(conv, text))
         reply, stats = stream_reply(engine, conv.messages, ctrl_c, max_tokens=max_tokens, temperature=temp,
                                     top_p=top_p, draft_tokens=conv.draft)
         conv.last = stats or conv.last
@@ -119,6 +120,30 @@ class Conversation:
     messages: list
     draft: object
     last: object = None
+    images: list = field(default_factory=list)  # attached with /image, for the next message
+
+
+def user_message(conv: Conversation, text: str) -> dict:
+    """The next user message: the text, after the images attached since the last one."""
+    if not conv.images:
+        return {"role": "user", "content": text}
+    parts, conv.images = [{"type": "image", "image": p} for p in conv.images], []
+    return {"role": "user", "content": parts + [{"type": "text", "text": text}]}
+
+
+def attach_image(conv: Conversation, path: str):
+    from ..image import ImageError, read_image
+
+    if not conv.engine.has_vision:
+        out.print("[red]this model has no vision tower[/red] (convert the multimodal gemma4 checkpoint)")
+        return
+    try:
+        read_image(path)
+    except ImageError as e:
+        out.print(f"[red]{e}[/red]")
+        return
+    conv.images.append(path)
+    out.print(f"[dim]{path} attached to your next message[/dim]")
 
 
 def read_line() -> Optional[str]:
@@ -157,6 +182,8 @@ def slash_command(conv: Conversation, text: str) -> bool:
             out.print(f"[dim]{status_line(last)}[/dim]")
     elif command == "/draft":
         set_draft(conv, arg.lower())
+    elif command == "/image":
+        attach_image(conv, arg)
     else:
         out.print(f"[red]unknown command {command}[/red] (/help lists them)")
     return True
