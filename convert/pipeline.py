@@ -102,7 +102,7 @@ def _convert(src: str, out: Path, dtype: str, bits: int | None, group_size: int,
                     writer.add(k, v)
         writer.close()
         if kind == "target" and wrapper and raw.get("vision_config"):
-            _write_vision(source, raw, tmp / "vision", DTYPES[dtype])
+            _write_vision(source, raw, tmp / "vision", DTYPES[dtype], bits, group_size)
         if rec := quantizer.record():
             cfg_out["quantization"] = cfg_out["quantization_config"] = rec
         for name in SIDE_FILES:
@@ -115,16 +115,24 @@ def _convert(src: str, out: Path, dtype: str, bits: int | None, group_size: int,
 VISION_KEYS = ("vision_config", "image_token_id", "boi_token_id", "eoi_token_id", "vision_soft_tokens_per_image")
 
 
-def _write_vision(source, raw: dict, out: Path, dtype):
-    """The vision tower and embed_vision (in `dtype`, not quantized) with their config, in `vision/`: the target
-    loads without them, and they load when an image arrives."""
-    weights = {n: _cast(n, t.read(), dtype) for t in source if (n := w.vision_name(t.name))}
-    if not weights:
+def _write_vision(source, raw: dict, out: Path, dtype, bits: int | None, group_size: int):
+    """The vision tower and embed_vision with their config, in `vision/`: the target loads without them, and they
+    load when an image arrives. Quantized as the target is (its linear layers whose width the group size divides)."""
+    named = {n: t for t in source if (n := w.vision_name(t.name))}
+    if not named:
         return
+    linears = {n.removesuffix(".weight") for n in named if n.endswith((".linear.weight", "input_proj.weight",
+                                                                       "embedding_projection.weight"))}
+    quantizer = q.Quantizer(bits, group_size, linears)
+    weights = {}
+    for name, t in named.items():
+        weights.update(quantizer(name, _cast(name, t.read(), dtype)))
     out.mkdir()
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
     cfg = {k: raw[k] for k in VISION_KEYS if k in raw}
     cfg["text_hidden_size"] = text_config_of(raw)["hidden_size"]
+    if rec := quantizer.record():
+        cfg["quantization"] = rec
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 

@@ -193,7 +193,10 @@ def load_vision(path) -> tuple[Vision, dict]:
                         "checkpoint to get one)")
     raw = json.loads((d / "config.json").read_text())
     model = Vision(VisionConfig.from_dict(raw["vision_config"], raw["text_hidden_size"]))
-    model.load_weights(list(mx.load(str(d / "model.safetensors")).items()), strict=True)
+    weights = mx.load(str(d / "model.safetensors"))
+    if rec := raw.get("quantization"):  # the layers the converter quantized: those with scales
+        nn.quantize(model, rec["group_size"], rec["bits"], class_predicate=lambda p, m: f"{p}.scales" in weights)
+    model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
     return model, raw
 

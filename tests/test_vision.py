@@ -377,3 +377,17 @@ def test_chat_image_attaches_an_image_to_the_next_message(mlx_dir, tmp_path, cap
     text_only = Conversation(gemma_mlx.load(mlx_dir("plain")), [], "auto")
     slash_command(text_only, f"/image {path}")
     assert not text_only.images and "no vision tower" in capsys.readouterr().out
+
+
+def test_a_quantized_vision_tower_stays_close(hf_dir, tmp_path):
+    """`convert --quantize 8` quantizes the tower's linear layers too; its soft tokens stay within 2% of fp32's."""
+    from gemma_mlx.convert import convert
+
+    fp = load_vision(convert(str(hf_dir("mm")), tmp_path / "fp", dtype="fp32", progress=False))[0]
+    q8_dir = convert(str(hf_dir("mm")), tmp_path / "q8", dtype="fp32", quantize=8, group_size=32, progress=False)
+    q8, cfg = load_vision(q8_dir)
+    assert cfg["quantization"]["bits"] == 8
+    assert any(k.endswith(".scales") for k in load_file(str(q8_dir / "vision" / "model.safetensors")))
+    pixels, positions = patches_of(np.random.default_rng(9), [(4, 4)], 4, 16)
+    a, b = (np.array(v(mx.array(pixels), mx.array(positions))) for v in (fp, q8))
+    assert 0 < np.abs(a - b).max() <= 0.02 * np.abs(a).max()
