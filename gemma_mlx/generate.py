@@ -20,7 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import image
-from .loader import LoadError, load_drafter, load_target, load_vision
+from .loader import LoadError, load_drafter, load_target, load_vision, read_config
 from .models.gemma4_assistant import Drafter, PairError
 from .models.gemma4_text import Target
 from .sampling import SamplingParams
@@ -52,7 +52,10 @@ class Engine:
 
     @property
     def has_vision(self) -> bool:
-        return self.path is not None and (Path(self.path) / "vision" / "config.json").is_file()
+        """A vision tower to load: the converter's vision/, or an MLX multimodal wrapper's own."""
+        if self.path is None:
+            return False
+        return (Path(self.path) / "vision" / "config.json").is_file() or "vision_config" in read_config(self.path)
 
     @property
     def eos_ids(self) -> frozenset:

@@ -188,17 +188,35 @@ def load_vision(path) -> tuple[Vision, dict]:
     """The vision tower and its projection of a converted multimodal target (`vision/` beside its weights), and its
     config (vision_config, the image token ids, soft tokens per image)."""
     d = Path(path) / "vision"
-    if not (d / "config.json").is_file():
-        raise LoadError(f"{path} has no vision tower, so it cannot take images (convert the multimodal gemma4 "
-                        "checkpoint to get one)")
-    raw = json.loads((d / "config.json").read_text())
+    if (d / "config.json").is_file():
+        raw = json.loads((d / "config.json").read_text())
+        weights = mx.load(str(d / "model.safetensors"))
+    else:
+        raw, weights = wrapper_vision(Path(path))
     model = Vision(VisionConfig.from_dict(raw["vision_config"], raw["text_hidden_size"]))
-    weights = mx.load(str(d / "model.safetensors"))
     if rec := raw.get("quantization"):  # the layers the converter quantized: those with scales
         nn.quantize(model, rec["group_size"], rec["bits"], class_predicate=lambda p, m: f"{p}.scales" in weights)
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
     return model, raw
+
+
+def wrapper_vision(path: Path) -> tuple[dict, dict]:
+    """The vision tower of an MLX multimodal wrapper as mlx-vlm writes it (`vision_tower.…` beside
+    `language_model.…`, maybe quantized): (its config, float weights)."""
+    from .convert.quantize import unpack
+    from .convert.safetensors_io import tensors
+    from .convert.weights import vision_name
+
+    config = read_config(path)
+    if not config.get("vision_config"):
+        raise LoadError(f"{path} has no vision tower, so it cannot take images (convert the multimodal gemma4 "
+                        "checkpoint to get one)")
+    source = unpack(tensors(open_checkpoint(path)), config.get("quantization"))
+    weights = {n: t.read() for t in source if (n := vision_name(t.name))}
+    raw = {k: config[k] for k in ("vision_config", "image_token_id", "boi_token_id", "eoi_token_id",
+                                  "vision_soft_tokens_per_image") if k in config}
+    return {**raw, "text_hidden_size": text_config_of(config)["hidden_size"]}, weights
 
 
 def load_drafter(source, target: Target, dtype: str | None = None, progress: bool = True) -> Drafter:

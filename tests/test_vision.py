@@ -391,3 +391,32 @@ def test_a_quantized_vision_tower_stays_close(hf_dir, tmp_path):
     pixels, positions = patches_of(np.random.default_rng(9), [(4, 4)], 4, 16)
     a, b = (np.array(v(mx.array(pixels), mx.array(positions))) for v in (fp, q8))
     assert 0 < np.abs(a - b).max() <= 0.02 * np.abs(a).max()
+
+
+def test_an_mlx_vlm_wrapper_loads_its_own_vision_tower(hf_dir, tmp_path):
+    """mlx-community's multimodal Gemma 4 dirs (mlx-vlm's names: `vision_tower.…` and `language_model.model.…` in
+    one file): the tower loads from the dir itself, its soft tokens transformers'."""
+    import json
+
+    import gemma_mlx
+
+    src = hf_dir("mm")
+    weights = {}
+    for k, v in load_file(str(src / "model.safetensors")).items():
+        k = k.removeprefix("model.")
+        weights["language_model.model." + k.removeprefix("language_model.") if k.startswith("language_model.")
+                else k] = mx.array(v)
+    d = tmp_path / "mlx-vlm"
+    d.mkdir()
+    mx.save_safetensors(str(d / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (d / "config.json").write_text((src / "config.json").read_text())
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        (d / f).write_bytes((src / f).read_bytes())
+    hf = load_model(src).eval()
+    pixels, positions = patches_of(np.random.default_rng(2), [(4, 4)], 4, 16)
+    with torch.no_grad():
+        expected = hf.model.get_image_features(torch.tensor(pixels), torch.tensor(positions)).pooler_output[0].numpy()
+    vision, cfg = load_vision(d)
+    assert cfg["image_token_id"] == IMAGE and json.loads((d / "config.json").read_text())["vision_config"]
+    np.testing.assert_allclose(np.array(vision(mx.array(pixels), mx.array(positions))), expected, atol=1e-4)
+    assert gemma_mlx.Engine(None, None, path=d).has_vision

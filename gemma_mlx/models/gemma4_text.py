@@ -295,10 +295,12 @@ class Target(CausalLM):
         super().__init__(cfg, Gemma4TextModel(cfg))
 
     def sanitize(self, weights: dict) -> dict:
-        """Accept mlx-lm's `gemma4` wrapper layout too (an mlx-community checkpoint: `language_model.model.*`)."""
-        return {k.removeprefix("language_model."): v for k, v in weights.items()}
+        """Accept mlx-lm's `gemma4` wrapper layout too (an mlx-community checkpoint: `language_model.model.*`; its
+        towers are not the target's: gemma4_vision loads the vision one)."""
+        return {k.removeprefix("language_model."): v for k, v in weights.items() if not k.startswith(TOWERS)}
 
 
+TOWERS = ("vision_tower.", "audio_tower.", "embed_vision.", "embed_audio.")
 Model = Target
 
 
