@@ -20,7 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import image
-from .loader import LoadError, load_drafter, load_target, load_vision, read_config
+from .loader import LoadError, load_drafter, load_target, load_vision, vision_settings
 from .models.gemma4_assistant import Drafter, PairError
 from .models.gemma4_text import Target
 from .sampling import SamplingParams
@@ -53,9 +53,7 @@ class Engine:
     @property
     def has_vision(self) -> bool:
         """A vision tower to load: the converter's vision/, or an MLX multimodal wrapper's own."""
-        if self.path is None:
-            return False
-        return (Path(self.path) / "vision" / "config.json").is_file() or "vision_config" in read_config(self.path)
+        return self.path is not None and vision_settings(self.path) is not None
 
     @property
     def eos_ids(self) -> frozenset:
@@ -113,6 +111,9 @@ def load(target, drafter=None, dtype: str | None = None, progress: bool = True) 
     that does not fit the target (hidden size, vocabulary, KV geometry) is refused with the reason (PairError)."""
     model, tokenizer, path = load_target(target, dtype, progress)
     engine = Engine(model, tokenizer, path=path)
+    vision = vision_settings(path)
+    if vision and getattr(model.config, "use_bidirectional_attention", None) == "vision":
+        engine.chunk = max(engine.chunk, vision.get("vision_soft_tokens_per_image", 280))  # an image in one chunk
     if drafter is not None:
         engine.drafter = load_drafter(drafter, model, dtype, progress)
     return engine

@@ -25,7 +25,7 @@ from .models import ConfigError, family, matmul, model_kind
 from .models.gemma4_assistant import Drafter, DrafterConfig, check_pair
 from .models.gemma4_text import Target, text_config_of
 
-CONVERSION = 2
+CONVERSION = 3  # v2: GGUFs get a chat template; v3: multimodal wrappers keep their vision tower
 
 
 class LoadError(ValueError):
@@ -59,7 +59,7 @@ def resolve(source: str | Path, dtype: str | None = None, progress: bool = True)
         raise LoadError(f"{source}: no such model directory (and not a hub id like 'google/gemma-4-e2b-it')")
     local = path.exists()
     dtype = dtype or default_dtype()
-    # CONVERSION bumps when the converter writes more (v2: GGUFs get a chat template), so old conversions are redone
+    # CONVERSION bumps when the converter writes more, so old conversions are redone
     tag = hashlib.sha256(f"{path.resolve() if local else source}|{dtype}|{CONVERSION}".encode()).hexdigest()[:12]
     name = (path.name if local else str(source).replace("/", "--")) + f"-{dtype}-{tag}"
     out = cache_home() / "converted" / name
@@ -189,8 +189,7 @@ def load_vision(path) -> tuple[Vision, dict]:
     config (vision_config, the image token ids, soft tokens per image)."""
     d = Path(path) / "vision"
     if (d / "config.json").is_file():
-        raw = json.loads((d / "config.json").read_text())
-        weights = mx.load(str(d / "model.safetensors"))
+        raw, weights = vision_settings(path), mx.load(str(d / "model.safetensors"))
     else:
         raw, weights = wrapper_vision(Path(path))
     model = Vision(VisionConfig.from_dict(raw["vision_config"], raw["text_hidden_size"]))
@@ -208,15 +207,27 @@ def wrapper_vision(path: Path) -> tuple[dict, dict]:
     from .convert.safetensors_io import tensors
     from .convert.weights import vision_name
 
-    config = read_config(path)
-    if not config.get("vision_config"):
+    raw = vision_settings(path)
+    if raw is None:
         raise LoadError(f"{path} has no vision tower, so it cannot take images (convert the multimodal gemma4 "
                         "checkpoint to get one)")
+    config = read_config(path)
     source = unpack(tensors(open_checkpoint(path)), config.get("quantization"))
-    weights = {n: t.read() for t in source if (n := vision_name(t.name))}
+    return raw, {n: t.read() for t in source if (n := vision_name(t.name))}
+
+
+def vision_settings(path) -> dict | None:
+    """The vision config of a target dir (the converter's vision/config.json, or an MLX wrapper's config.json):
+    vision_config, text_hidden_size, the image token ids, soft tokens per image; None without a vision tower."""
+    d = Path(path) / "vision" / "config.json"
+    if d.is_file():
+        return json.loads(d.read_text())
+    config = read_config(Path(path))
+    if not config.get("vision_config"):
+        return None
     raw = {k: config[k] for k in ("vision_config", "image_token_id", "boi_token_id", "eoi_token_id",
                                   "vision_soft_tokens_per_image") if k in config}
-    return {**raw, "text_hidden_size": text_config_of(config)["hidden_size"]}, weights
+    return {**raw, "text_hidden_size": text_config_of(config)["hidden_size"]}
 
 
 def load_drafter(source, target: Target, dtype: str | None = None, progress: bool = True) -> Drafter:

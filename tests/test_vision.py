@@ -420,3 +420,23 @@ def test_an_mlx_vlm_wrapper_loads_its_own_vision_tower(hf_dir, tmp_path):
     assert cfg["image_token_id"] == IMAGE and json.loads((d / "config.json").read_text())["vision_config"]
     np.testing.assert_allclose(np.array(vision(mx.array(pixels), mx.array(positions))), expected, atol=1e-4)
     assert gemma_mlx.Engine(None, None, path=d).has_vision
+
+
+def test_an_engine_for_a_bidirectional_target_prefills_whole_images(hf_dir, tmp_path):
+    """26B-A4B / 31B attend to an image both ways, so an image must be in one prefill chunk: the engine's chunk is at
+    least the soft tokens per image (280 by default, above the 256 it uses for text)."""
+    import json
+
+    import gemma_mlx
+    import oracle
+    from transformers import GenerationConfig, Gemma4ForConditionalGeneration
+
+    src = tmp_path / "hf"
+    torch.manual_seed(0)
+    text = {**oracle.text_config("mm"), "use_bidirectional_attention": "vision"}
+    model = Gemma4ForConditionalGeneration(oracle._mm_config(text)).eval()
+    model.generation_config = GenerationConfig(bos_token_id=2, eos_token_id=list(oracle.EOS_IDS), pad_token_id=0)
+    model.save_pretrained(src)
+    oracle.save_tokenizer(src)
+    assert json.loads((src / "config.json").read_text()).get("vision_soft_tokens_per_image", 280) == 280
+    assert gemma_mlx.load(src).chunk == 280 and gemma_mlx.load(hf_dir("mm")).chunk == 256
