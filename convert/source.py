@@ -10,7 +10,8 @@ from pathlib import Path
 from .safetensors_io import peek_names
 
 SIDE_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-              "chat_template.jinja", "chat_template.json", "generation_config.json")
+              "chat_template.jinja", "chat_template.json", "generation_config.json", "processor_config.json",
+              "preprocessor_config.json")
 ALLOW_PATTERNS = ["config.json", *SIDE_FILES, "*.safetensors", "*.safetensors.index.json"]
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 MLX_KEY = re.compile(r"^language_model\.|\.switch_glu\.|\.scales$")  # mlx-lm / mlx-vlm names, quantized tensors

@@ -91,9 +91,11 @@ class Engine:
                 raise LoadError("this engine was not loaded from a dir, so it has no vision tower")
             self.vision = load_vision(self.path)
         vision, cfg = self.vision
-        v = cfg["vision_config"]
-        patches = [image.to_patches(s if hasattr(s, "convert") else image.read_image(s), v["patch_size"],
-                                    cfg.get("vision_soft_tokens_per_image", 280), v["pooling_kernel_size"])
+        v, processor = cfg["vision_config"], cfg.get("processor", {})
+        soft = processor.get("max_soft_tokens", cfg.get("vision_soft_tokens_per_image", 280))
+        patches = [image.to_patches(s if hasattr(s, "convert") else image.read_image(s),
+                                    processor.get("patch_size", v["patch_size"]), soft,
+                                    processor.get("pooling_kernel_size", v["pooling_kernel_size"]), processor)
                    for s in sources]
         if ids.count(cfg["image_token_id"]) != len(sources):
             raise image.ImageError(f"the chat template wrote {ids.count(cfg['image_token_id'])} image tokens for "
@@ -113,7 +115,8 @@ def load(target, drafter=None, dtype: str | None = None, progress: bool = True) 
     engine = Engine(model, tokenizer, path=path)
     vision = vision_settings(path)
     if vision and getattr(model.config, "use_bidirectional_attention", None) == "vision":
-        engine.chunk = max(engine.chunk, vision.get("vision_soft_tokens_per_image", 280))  # an image in one chunk
+        soft = vision.get("processor", {}).get("max_soft_tokens", vision.get("vision_soft_tokens_per_image", 280))
+        engine.chunk = max(engine.chunk, soft)  # an image in one prefill chunk
     if drafter is not None:
         engine.drafter = load_drafter(drafter, model, dtype, progress)
     return engine

@@ -68,18 +68,24 @@ def target_size(height: int, width: int, patch: int, max_patches: int, pooling: 
     return h, w
 
 
-def to_patches(image, patch_size: int = 16, soft_tokens: int = 280,
-               pooling: int = 3) -> tuple[np.ndarray, np.ndarray, int]:
-    """(pixels [max_patches, 3·p·p] float32 in [0, 1], positions [max_patches, 2] int32, the image's soft tokens)."""
+def to_patches(image, patch_size: int = 16, soft_tokens: int = 280, pooling: int = 3,
+               processor: dict | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """(pixels [max_patches, 3·p·p] float32 in [0, 1], positions [max_patches, 2] int32, the image's soft tokens).
+    `processor`: the checkpoint's image processor settings (processor_config.json's `image_processor`): its
+    resample filter, rescale factor and, with do_normalize, mean and std."""
     from PIL import Image
 
+    processor = processor or {}
     if soft_tokens not in SOFT_TOKENS:
         raise ImageError(f"soft tokens per image must be one of {SOFT_TOKENS}, got {soft_tokens}")
     max_patches = soft_tokens * pooling**2
     h, w = target_size(image.height, image.width, patch_size, max_patches, pooling)
     if (h, w) != (image.height, image.width):
-        image = image.resize((w, h), Image.BICUBIC)
-    pixels = np.asarray(image, dtype=np.float32) * np.float32(1 / 255)  # [H, W, C]
+        image = image.resize((w, h), Image.Resampling(processor.get("resample", Image.BICUBIC)))
+    pixels = np.asarray(image, dtype=np.float32) * np.float32(processor.get("rescale_factor", 1 / 255))  # [H, W, C]
+    if processor.get("do_normalize"):
+        mean, std = (np.asarray(processor.get(k, d), np.float32) for k, d in (("image_mean", 0.0), ("image_std", 1.0)))
+        pixels = (pixels - mean) / std
     gh, gw = h // patch_size, w // patch_size
     patches = pixels.reshape(gh, patch_size, gw, patch_size, 3).transpose(0, 2, 1, 3, 4).reshape(gh * gw, -1)
     grid_x, grid_y = np.meshgrid(np.arange(gw), np.arange(gh), indexing="xy")

@@ -218,11 +218,23 @@ def wrapper_vision(path: Path) -> tuple[dict, dict]:
 
 def vision_settings(path) -> dict | None:
     """The vision config of a target dir (the converter's vision/config.json, or an MLX wrapper's config.json):
-    vision_config, text_hidden_size, the image token ids, soft tokens per image; None without a vision tower."""
+    vision_config, text_hidden_size, the image token ids, soft tokens per image, and `processor`, the image
+    processor's settings (processor_config.json or preprocessor_config.json); None without a vision tower."""
     d = Path(path) / "vision" / "config.json"
-    if d.is_file():
-        return json.loads(d.read_text())
-    config = read_config(Path(path))
+    raw = json.loads(d.read_text()) if d.is_file() else wrapper_settings(Path(path))
+    if raw is None:
+        return None
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        if (Path(path) / name).is_file():
+            config = json.loads((Path(path) / name).read_text())
+            raw["processor"] = config.get("image_processor", config)
+            break
+    return raw
+
+
+def wrapper_settings(path: Path) -> dict | None:
+    """The vision settings an MLX multimodal wrapper's config.json holds (None: it has no vision tower)."""
+    config = read_config(path)
     if not config.get("vision_config"):
         return None
     raw = {k: config[k] for k in ("vision_config", "image_token_id", "boi_token_id", "eoi_token_id",

@@ -440,3 +440,19 @@ def test_an_engine_for_a_bidirectional_target_prefills_whole_images(hf_dir, tmp_
     oracle.save_tokenizer(src)
     assert json.loads((src / "config.json").read_text()).get("vision_soft_tokens_per_image", 280) == 280
     assert gemma_mlx.load(src).chunk == 280 and gemma_mlx.load(hf_dir("mm")).chunk == 256
+
+
+def test_the_checkpoints_processor_settings_are_followed(tmp_path):
+    """processor_config.json's image_processor (here: normalisation, a bilinear filter, 140 soft tokens) makes the
+    same patches as transformers' processor with those settings."""
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    settings = {"do_normalize": True, "image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.3, 0.4], "resample": 2,
+                "max_soft_tokens": 140, "patch_size": 16, "pooling_kernel_size": 3}
+    image = read_image(png(tmp_path, 333, 222, seed=8))
+    hf = Gemma4ImageProcessorPil(**settings)(images=[image])
+    pixels, positions, n = to_patches(image, 16, 140, 3, settings)
+    assert n == hf["num_soft_tokens_per_image"][0]
+    np.testing.assert_array_equal(positions, np.asarray(hf["image_position_ids"][0]))
+    np.testing.assert_allclose(pixels, np.asarray(hf["pixel_values"][0]), atol=1e-5)
+    assert not np.allclose(pixels, to_patches(image, 16, 140, 3)[0], atol=1e-2)  # the settings change the patches
