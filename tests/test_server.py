@@ -465,7 +465,7 @@ def test_a_request_whose_prefill_fails_gets_a_500_and_the_server_goes_on(mlx_dir
 
     monkeypatch.setattr(Decoder, "add", add_failing_once)
     with http_on(gemma_mlx.load(mlx_dir("e2blike"))) as http:
-        r = http.post("/v1/chat/completions", json={**OK, "temperature": 0}, timeout=30)
+        r = http.post("/v1/chat/completions", json={**OK, "temperature": 0})
         assert r.status_code == 500 and "prefill failed" in r.json()["error"]["message"]
-        r = http.post("/v1/chat/completions", json={**OK, "temperature": 0}, timeout=30)
+        r = http.post("/v1/chat/completions", json={**OK, "temperature": 0})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
