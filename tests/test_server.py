@@ -3,16 +3,14 @@
 import concurrent.futures as futures
 import contextlib
 import json
-import socket
-import threading
 import time
 
 import httpx2 as httpx  # the HTTP client the openai package uses
 import openai
 import pytest
-import uvicorn
 
 import gemma_mlx
+from bench.clients import start
 from gemma_mlx.server import build_app
 
 PROMPTS = ["the quick brown fox", "why is the sky blue", "tell me about the river", "one two three four",
@@ -25,18 +23,9 @@ def live(mlx_dir, **settings):
     serve each request alone, for comparison."""
     engine = gemma_mlx.load(mlx_dir("e2blike"), drafter=mlx_dir("e2blike", ordered=True))
     app = build_app(engine, "tiny", **settings)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
+    url, srv, thread = start(app)
     solo = gemma_mlx.load(mlx_dir("e2blike"), drafter=mlx_dir("e2blike", ordered=True))
-    yield dict(url=f"http://127.0.0.1:{port}", app=app, solo=solo)
+    yield dict(url=url, app=app, solo=solo)
     srv.should_exit = True
     thread.join(timeout=10)
     app.state.scheduler.close()
