@@ -422,7 +422,7 @@ def test_an_mlx_vlm_wrapper_loads_its_own_vision_tower(hf_dir, tmp_path):
     assert gemma_mlx.Engine(None, None, path=d).has_vision
 
 
-def test_an_engine_for_a_bidirectional_target_prefills_whole_images(hf_dir, tmp_path):
+def test_an_engine_for_a_bidirectional_target_prefills_whole_images(hf_dir, tmp_path, monkeypatch):
     """26B-A4B / 31B attend to an image both ways, so an image must be in one prefill chunk: the engine's chunk is at
     least the soft tokens per image (280 by default, above the 256 it uses for text)."""
     import json
@@ -431,6 +431,7 @@ def test_an_engine_for_a_bidirectional_target_prefills_whole_images(hf_dir, tmp_
     import oracle
     from transformers import GenerationConfig, Gemma4ForConditionalGeneration
 
+    monkeypatch.setenv("GEMMA_MLX_HOME", str(tmp_path / "home"))  # load() converts HF dirs into its cache
     src = tmp_path / "hf"
     torch.manual_seed(0)
     text = {**oracle.text_config("mm"), "use_bidirectional_attention": "vision"}
