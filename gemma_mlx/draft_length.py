@@ -41,13 +41,14 @@ class DraftLength:
     towards its estimate at the previous position, at the first position towards the pooled rate, so a row that is
     always right gets to try deeper drafts; E_b counts at most the `room` tokens the row still needs. T_B is fitted
     on the rounds run at this batch size B (verification gets relatively dearer as B grows, sooner on compute-bound
-    hardware); at a batch size not fitted yet the nearest fitted one stands in, and one round tries a second K
-    there so it gets its own fit.
+    hardware); at a batch size not fitted yet the nearest fitted one stands in, and a second K (one less, or 1
+    after plain rounds) is tried there until a round at it is timed, so it gets its own fit.
     """
 
     PRIOR = 0.6  # acceptance at the first position before any round (with the weight of one round)
     MIN_GAIN = 0.1  # expected extra tokens per round below which drafting is not tried, whatever the round times say:
     # acceptance evidence first, timings second (noisy round times on a busy machine must not talk it into drafting)
+    EXPLORE_ROUNDS = 3  # rounds at most at a second K for a batch size's fit (the first at a new K is not timed)
     DEPTH_WEIGHT = 4.0  # weight, in rounds, of the previous position's estimate in a deeper position's (and, for a
     # batch row, of the pooled rate in its first position's): deep positions are reached in few rounds, and a rate
     # from a handful of them swings K on a CPU, where K = 4…7 cost about the same
@@ -66,7 +67,7 @@ class DraftLength:
         self.rounds = 0
         self.plain_streak = 0
         self.probe_gap = probe_every
-        self.explored: set[int] = set()
+        self.explored: dict[int, int] = {}  # batch size -> rounds run at a second K there
         self.timed: set[tuple[int, int]] = set()
 
     def choose(self, rows: list | None = None, room: list | None = None) -> int:
@@ -83,9 +84,10 @@ class DraftLength:
             return 0  # measure the plain step (the first is chosen before its time is in: stay plain until it is)
         best = self.best(rows, room)
         seen = self._seen(batch)
-        if len(seen) == 1 and best in seen and batch not in self.explored:  # a second K gives this batch size a fit
-            self.explored.add(batch)
-            return best - 1 if best >= 2 else best + 1
+        other = best - 1 if best >= 1 else 1  # a second K gives this batch size a fit; its first round is not timed,
+        if len(seen) == 1 and best in seen and self.explored.get(batch, 0) < self.EXPLORE_ROUNDS:  # so try it twice
+            self.explored[batch] = self.explored.get(batch, 0) + 1
+            return other
         if best == 0:
             self.plain_streak += 1
             if self.plain_streak >= self.probe_gap:  # a K = 1 round to re-measure a_1; each probe whose draft
