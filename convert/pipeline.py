@@ -112,9 +112,6 @@ def _convert(src: str, out: Path, dtype: str, bits: int | None, group_size: int,
     return out
 
 
-VISION_KEYS = ("vision_config", "image_token_id", "boi_token_id", "eoi_token_id", "vision_soft_tokens_per_image")
-
-
 def _write_vision(source, raw: dict, out: Path, dtype, bits: int | None, group_size: int):
     """The vision tower and embed_vision with their config, in `vision/`: the target loads without them, and they
     load when an image arrives. Quantized as the target is (its linear layers whose width the group size divides)."""
@@ -129,8 +126,7 @@ def _write_vision(source, raw: dict, out: Path, dtype, bits: int | None, group_s
         weights.update(quantizer(name, _cast(name, t.read(), dtype)))
     out.mkdir()
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
-    cfg = {k: raw[k] for k in VISION_KEYS if k in raw}
-    cfg["text_hidden_size"] = text_config_of(raw)["hidden_size"]
+    cfg = w.vision_settings_of(raw)
     if rec := quantizer.record():
         cfg["quantization"] = rec
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")

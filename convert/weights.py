@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten
 
 from ..models.base import FULL
 from ..models.gemma4_assistant import DrafterConfig
-from ..models.gemma4_text import TextConfig
+from ..models.gemma4_text import TextConfig, text_config_of
 
 # Multimodal parts that a text runtime drops, as HF (`model.` prefix) and as MLX wrappers (no prefix) name them.
 TOWERS = ("vision_tower.", "audio_tower.", "embed_vision.", "embed_audio.", "multi_modal_projector.",
@@ -135,6 +135,15 @@ def _unwrap(key: str) -> str | None:
 
 
 VISION = ("vision_tower.", "embed_vision.")
+VISION_KEYS = ("vision_config", "image_token_id", "boi_token_id", "eoi_token_id", "vision_soft_tokens_per_image")
+
+
+def vision_settings_of(raw: dict) -> dict | None:
+    """What the vision tower needs from a multimodal wrapper's config (vision_config, the image token ids, soft
+    tokens per image, the text hidden size it projects to); None without a vision tower."""
+    if not raw.get("vision_config"):
+        return None
+    return {**{k: raw[k] for k in VISION_KEYS if k in raw}, "text_hidden_size": text_config_of(raw)["hidden_size"]}
 
 
 def vision_name(key: str) -> str | None:

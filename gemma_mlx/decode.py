@@ -175,11 +175,8 @@ class Decoder:
         known = prompt if row.first_image is None else prompt[: row.first_image + 1]
         cache, common = self.prefix_cache.take(known) if self.prefix_cache else (None, 0)
         cache = cache or self.target.make_cache(batch=1, chunk=self.chunk)
-        rest = mx.array([prompt[common:]])
-        if images is None:
-            logits, hidden = self.target.prefill(rest, cache)
-        else:
-            logits, hidden = self.target.prefill(rest, cache, images=(images[0][:, common:], images[1]))
+        part = None if images is None else (images[0][:, common:], images[1])
+        logits, hidden = self.target.prefill(mx.array([prompt[common:]]), cache, images=part)
         return cache, logits, hidden, len(prompt) - common
 
     def _emit(self, row: Row, new: list[int]) -> bool:

@@ -91,11 +91,8 @@ class Engine:
                 raise LoadError("this engine was not loaded from a dir, so it has no vision tower")
             self.vision = load_vision(self.path)
         vision, cfg = self.vision
-        v, processor = cfg["vision_config"], cfg.get("processor", {})
-        soft = processor.get("max_soft_tokens", cfg.get("vision_soft_tokens_per_image", 280))
-        patches = [image.to_patches(s if hasattr(s, "convert") else image.read_image(s),
-                                    processor.get("patch_size", v["patch_size"]), soft,
-                                    processor.get("pooling_kernel_size", v["pooling_kernel_size"]), processor)
+        patches = [image.to_patches(s if hasattr(s, "convert") else image.read_image(s), *image.geometry(cfg),
+                                    cfg.get("processor"))
                    for s in sources]
         if ids.count(cfg["image_token_id"]) != len(sources):
             raise image.ImageError(f"the chat template wrote {ids.count(cfg['image_token_id'])} image tokens for "
@@ -115,8 +112,7 @@ def load(target, drafter=None, dtype: str | None = None, progress: bool = True) 
     engine = Engine(model, tokenizer, path=path)
     vision = vision_settings(path)
     if vision and getattr(model.config, "use_bidirectional_attention", None) == "vision":
-        soft = vision.get("processor", {}).get("max_soft_tokens", vision.get("vision_soft_tokens_per_image", 280))
-        engine.chunk = max(engine.chunk, soft)  # an image in one prefill chunk
+        engine.chunk = max(engine.chunk, image.geometry(vision)[1])  # an image in one prefill chunk
     if drafter is not None:
         engine.drafter = load_drafter(drafter, model, dtype, progress)
     return engine

@@ -68,6 +68,15 @@ def target_size(height: int, width: int, patch: int, max_patches: int, pooling: 
     return h, w
 
 
+def geometry(settings: dict) -> tuple[int, int, int]:
+    """(patch size, soft tokens per image, pooling) from a target's vision settings (loader.vision_settings): the
+    image processor's config first, then the vision config's."""
+    processor, vision = settings.get("processor", {}), settings["vision_config"]
+    return (processor.get("patch_size", vision.get("patch_size", 16)),
+            processor.get("max_soft_tokens", settings.get("vision_soft_tokens_per_image", 280)),
+            processor.get("pooling_kernel_size", vision.get("pooling_kernel_size", 3)))
+
+
 def to_patches(image, patch_size: int = 16, soft_tokens: int = 280, pooling: int = 3,
                processor: dict | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """(pixels [max_patches, 3·p·p] float32 in [0, 1], positions [max_patches, 2] int32, the image's soft tokens).

@@ -19,6 +19,7 @@ import mlx.nn as nn
 from mlx_lm.utils import dequantize_model, load_model, load_tokenizer
 
 from .convert.safetensors_io import SafetensorsError, open_checkpoint
+from .convert.weights import vision_settings_of
 from .models.gemma4_vision import Vision, VisionConfig
 from .draft_length import K_MAX
 from .models import ConfigError, family, matmul, model_kind
@@ -221,7 +222,7 @@ def vision_settings(path) -> dict | None:
     vision_config, text_hidden_size, the image token ids, soft tokens per image, and `processor`, the image
     processor's settings (processor_config.json or preprocessor_config.json); None without a vision tower."""
     d = Path(path) / "vision" / "config.json"
-    raw = json.loads(d.read_text()) if d.is_file() else wrapper_settings(Path(path))
+    raw = json.loads(d.read_text()) if d.is_file() else vision_settings_of(read_config(Path(path)))
     if raw is None:
         return None
     for name in ("processor_config.json", "preprocessor_config.json"):
@@ -230,16 +231,6 @@ def vision_settings(path) -> dict | None:
             raw["processor"] = config.get("image_processor", config)
             break
     return raw
-
-
-def wrapper_settings(path: Path) -> dict | None:
-    """The vision settings an MLX multimodal wrapper's config.json holds (None: it has no vision tower)."""
-    config = read_config(path)
-    if not config.get("vision_config"):
-        return None
-    raw = {k: config[k] for k in ("vision_config", "image_token_id", "boi_token_id", "eoi_token_id",
-                                  "vision_soft_tokens_per_image") if k in config}
-    return {**raw, "text_hidden_size": text_config_of(config)["hidden_size"]}
 
 
 def load_drafter(source, target: Target, dtype: str | None = None, progress: bool = True) -> Drafter:
