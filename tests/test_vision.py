@@ -111,26 +111,45 @@ def with_images(request, hf_dir, tmp_path_factory):
     """(transformers model, our target, our vision) for the tiny mm checkpoint: as built (image tokens attend
     causally, as E2B/E4B's), and with use_bidirectional_attention="vision" (as 26B-A4B's and 31B's: an image attends
     to itself both ways in the sliding layers)."""
-    import oracle
-    from transformers import GenerationConfig, Gemma4ForConditionalGeneration
-
     from gemma_mlx.convert import convert
     from gemma_mlx.loader import load_checkpoint
 
-    if request.param == "causal":
-        src = hf_dir("mm")
-    else:
-        src = tmp_path_factory.mktemp("mmbidir") / "hf"
-        torch.manual_seed(oracle.SEEDS["mm"])
-        text = {**oracle.text_config("mm"), "use_bidirectional_attention": "vision"}
-        model = Gemma4ForConditionalGeneration(oracle._mm_config(text)).eval()
-        oracle.perturb(model, oracle.SEEDS["mm"])
-        model.generation_config = GenerationConfig(bos_token_id=2, eos_token_id=list(oracle.EOS_IDS), pad_token_id=0)
-        model.save_pretrained(src)
-        oracle.save_tokenizer(src)
+    src = hf_dir("mm") if request.param == "causal" else bidirectional_mm(tmp_path_factory.mktemp("mmbidir") / "hf")
     hf = load_model(src).eval()
     converted = convert(str(src), tmp_path_factory.mktemp("mmconv") / "t", dtype="fp32", progress=False)
     return hf, load_checkpoint(converted), load_vision(converted)[0]  # the converter keeps it in vision/
+
+
+def bidirectional_mm(src):
+    """The tiny mm checkpoint (its seed, perturbed as tests/oracle.py builds it) with use_bidirectional_attention
+    "vision", saved to `src`."""
+    import oracle
+    from transformers import GenerationConfig, Gemma4ForConditionalGeneration
+
+    torch.manual_seed(oracle.SEEDS["mm"])
+    text = {**oracle.text_config("mm"), "use_bidirectional_attention": "vision"}
+    model = Gemma4ForConditionalGeneration(oracle._mm_config(text)).eval()
+    oracle.perturb(model, oracle.SEEDS["mm"])
+    model.generation_config = GenerationConfig(bos_token_id=2, eos_token_id=list(oracle.EOS_IDS), pad_token_id=0)
+    model.save_pretrained(src)
+    oracle.save_tokenizer(src)
+    return src
+
+
+def mm_taking_images(mlx_dir, tmp_path):
+    """The converted mm target with a tokenizer whose template writes an image part as <|image|> (id 500), and 70
+    soft tokens per image (the tiny model's context holds that)."""
+    import json
+    import shutil
+
+    from oracle import save_tokenizer
+
+    d = tmp_path / "mm"
+    shutil.copytree(mlx_dir("mm"), d)
+    save_tokenizer(d, gemma4_tools=True)
+    cfg = json.loads((d / "vision" / "config.json").read_text())
+    (d / "vision" / "config.json").write_text(json.dumps({**cfg, "vision_soft_tokens_per_image": 70}))
+    return d
 
 
 def image_prompt(hf, grids):
@@ -267,19 +286,11 @@ def test_generate_takes_chat_messages_with_images(hf_dir, mlx_dir, tmp_path):
     image's soft tokens as Gemma 4's processor lays them out, and the reply transformers generates from the same
     pixels."""
     import base64
-    import json
-    import shutil
 
     import gemma_mlx
-    from oracle import save_tokenizer
     from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
 
-    d = tmp_path / "mm"
-    shutil.copytree(mlx_dir("mm"), d)
-    save_tokenizer(d, gemma4_tools=True)  # a template that writes image parts as <|image|> (id 500)
-    cfg = json.loads((d / "vision" / "config.json").read_text())
-    (d / "vision" / "config.json").write_text(json.dumps({**cfg, "vision_soft_tokens_per_image": 70}))
-    engine = gemma_mlx.load(d)
+    engine = gemma_mlx.load(mm_taking_images(mlx_dir, tmp_path))
     path = png(tmp_path, 40, 24, seed=3)
     url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
     hf = load_model(hf_dir("mm")).eval()
@@ -318,7 +329,6 @@ def test_the_server_takes_image_url_parts_and_the_cli_takes_image(hf_dir, mlx_di
     for the same image; bad images are a 400 / one line."""
     import base64
     import json
-    import shutil
 
     from starlette.testclient import TestClient
     from typer.testing import CliRunner
@@ -326,13 +336,8 @@ def test_the_server_takes_image_url_parts_and_the_cli_takes_image(hf_dir, mlx_di
     import gemma_mlx
     from gemma_mlx.cli import app as cli
     from gemma_mlx.server import build_app
-    from oracle import save_tokenizer
 
-    d = tmp_path / "mm"
-    shutil.copytree(mlx_dir("mm"), d)
-    save_tokenizer(d, gemma4_tools=True)
-    cfg = json.loads((d / "vision" / "config.json").read_text())
-    (d / "vision" / "config.json").write_text(json.dumps({**cfg, "vision_soft_tokens_per_image": 70}))
+    d = mm_taking_images(mlx_dir, tmp_path)
     engine = gemma_mlx.load(d)
     path = png(tmp_path, 30, 30, seed=4)
     url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
@@ -428,17 +433,9 @@ def test_an_engine_for_a_bidirectional_target_prefills_whole_images(hf_dir, tmp_
     import json
 
     import gemma_mlx
-    import oracle
-    from transformers import GenerationConfig, Gemma4ForConditionalGeneration
 
     monkeypatch.setenv("GEMMA_MLX_HOME", str(tmp_path / "home"))  # load() converts HF dirs into its cache
-    src = tmp_path / "hf"
-    torch.manual_seed(0)
-    text = {**oracle.text_config("mm"), "use_bidirectional_attention": "vision"}
-    model = Gemma4ForConditionalGeneration(oracle._mm_config(text)).eval()
-    model.generation_config = GenerationConfig(bos_token_id=2, eos_token_id=list(oracle.EOS_IDS), pad_token_id=0)
-    model.save_pretrained(src)
-    oracle.save_tokenizer(src)
+    src = bidirectional_mm(tmp_path / "hf")
     assert json.loads((src / "config.json").read_text()).get("vision_soft_tokens_per_image", 280) == 280
     assert gemma_mlx.load(src).chunk == 280 and gemma_mlx.load(hf_dir("mm")).chunk == 256
 
