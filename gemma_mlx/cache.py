@@ -274,14 +274,21 @@ class TargetCache:
     model hands over (`models.base.cache_for`): whether each producer layer slides, the sliding window, and which
     layer the drafter reads for each layer type.
 
-    `layers[i]` is the cache of producer layer i. `chunk` is the most tokens one forward may write; the sliding
-    rings have capacity `window + chunk`.
+    `layer(i)` is the cache of producer layer i; `layers` lists them in order. Under a pipeline split (pipeline.py)
+    a process holds only its own layers' caches, and `producers` names, for each layer type, its own last layer of
+    that type (the drafter's, on the last rank). `chunk` is the most tokens one forward may write; the sliding rings
+    have capacity `window + chunk`.
     """
 
-    def __init__(self, sliding: list[bool], window: int, producers: dict[str, int], batch: int = 1, chunk: int = 256):
+    def __init__(self, sliding: dict[int, bool], window: int, producers: dict[str, int], batch: int = 1,
+                 chunk: int = 256):
         self.chunk, self.window, self.producers = chunk, window, producers
+        self.index = {i: n for n, i in enumerate(sliding)}
         self.layers: list[LayerCache] = [RingCache(batch, window + chunk, window) if ring else LinearCache(batch)
-                                         for ring in sliding]
+                                         for ring in sliding.values()]
+
+    def layer(self, i: int) -> LayerCache:
+        return self.layers[self.index[i]]
 
     @property
     def lengths(self) -> np.ndarray:
@@ -329,7 +336,7 @@ class TargetCache:
 
     def producer(self, layer_type: str) -> LayerCache:
         """The cache the drafter reads for a layer type (the last producer of that type)."""
-        return self.layers[self.producers[layer_type]]
+        return self.layer(self.producers[layer_type])
 
     def nbytes(self) -> int:
         return sum(c.nbytes() for c in self.layers)

@@ -19,6 +19,7 @@ starts from the longest prefix it holds: the next turn of a conversation prefill
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -78,6 +79,20 @@ class Decoder:
         self.clock = RoundClock()
         self.seeds = np.random.default_rng(seed)  # seeds for the rows added without one
         self.ids = itertools.count()
+        self.split = target.split  # under a pipeline split, rank 0 announces what this decoder does (pipeline.py)
+        if self.split.announcing:
+            self.key = self.split.new_decoder()
+            self.split.announce({"op": "open", "decoder": self.key, "setup": self.setup})
+
+    @property
+    def setup(self) -> dict:
+        """What another pipeline rank needs to build the same decoder (`pipeline.follow`)."""
+        return {"params": dataclasses.asdict(self.params), "chunk": self.chunk, "prefix": self.prefix_cache is not None,
+                "eos_ids": sorted(self.eos_ids)}
+
+    def _announce(self, op: str, **args):
+        if self.split.announcing:
+            self.split.announce({"op": op, "decoder": self.key, "args": args})
 
     def add(self, prompt: list[int], max_tokens: int, stops=(), seed: int | None = None, images=None) -> Row:
         """Prefill a new row and merge it into the batch (between rounds). Sampling draws from the row's own seed
@@ -87,16 +102,20 @@ class Decoder:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         if not prompt:
             raise ValueError("empty prompt")
+        if images is not None and self.split.size > 1:
+            raise ValueError("images are not supported when the model is split across processes")
+        seed = int(self.seeds.integers(2**63)) if seed is None else int(seed)
+        self._announce("add", prompt=[int(t) for t in prompt], max_tokens=max_tokens, stops=list(stops), seed=seed)
         self._drop_queued()  # it has no place for the new row
         row = Row(next(self.ids), [int(t) for t in prompt], TextStream(self.tokenizer, self.eos_ids, stops, max_tokens),
-                  seed=int(self.seeds.integers(2**63)) if seed is None else int(seed))
+                  seed=seed)
         row.stats.prompt_tokens = len(row.prompt)
         if images is not None:
             row.first_image = int(np.argmax(images[0][0]))
         t0 = time.perf_counter()
         cache, logits, hidden, row.stats.prefill_tokens = self._prefill(row, images)
-        _, first = verify_choices(logits, mx.zeros((1, 0), mx.int32), self.params, [row.seed], [[len(row.prompt)]])
-        first = first.astype(mx.int32)
+        first, = self.split.from_last(lambda: (verify_choices(logits, mx.zeros((1, 0), mx.int32), self.params,
+                                                               [row.seed], [[len(row.prompt)]])[1],), ((1, 1), mx.int32))
         row.stats.prefill_seconds = time.perf_counter() - t0
         if self._emit(row, [int(first.item())]):
             self.finished.append(row)
@@ -113,6 +132,7 @@ class Decoder:
     def step(self) -> list[Row]:
         """One round for every row; returns the rows that finished since the last step (they have left the batch)."""
         if self.rows:
+            self._announce("step")
             self._round()
         done, self.finished = self.finished, []
         return done
@@ -136,8 +156,20 @@ class Decoder:
 
     def remove(self, row: Row):
         """Take a row out of the batch between rounds (a cancelled request); the tokens it has stay in `row`."""
+        if row in self.rows:
+            self._announce("remove", row=self.rows.index(row))
         row.cancelled = row.finish_reason is None
         self._keep([i for i, r in enumerate(self.rows) if r is not row])
+
+    def cancel(self, row: Row):
+        """Mark a row cancelled: it leaves the batch after the next round (a client that went away)."""
+        if row in self.rows:
+            self._announce("cancel", row=self.rows.index(row))
+            row.cancelled = True
+
+    def close(self):
+        """Under a pipeline split, the other ranks forget this decoder (it gets no more rows)."""
+        self._announce("close")
 
     def _round(self):
         room = [r.stream.max_tokens - len(r.tokens) for r in self.rows]
@@ -162,7 +194,10 @@ class Decoder:
         return min(k, max(room) - 1)
 
     def _choose(self, room: list[int]) -> int:
-        return 0 if self.drafter is None else self.draft.choose([r.stats for r in self.rows], room)
+        """K for the next round (a pipeline's ranks take rank 0's: it is timed there)."""
+        if self.drafter is None:
+            return 0
+        return self.split.from_leader(lambda: self.draft.choose([r.stats for r in self.rows], room))
 
     def _start(self, k: int, x: mx.array, g: mx.array) -> Round:
         return Round(self.target, self.drafter, self.cache, x, g, k, self.params, [r.seed for r in self.rows])
@@ -173,7 +208,7 @@ class Decoder:
         image)."""
         prompt = row.prompt
         known = prompt if row.first_image is None else prompt[: row.first_image + 1]
-        cache, common = self.prefix_cache.take(known) if self.prefix_cache else (None, 0)
+        cache, common = self.prefix_cache.take(known, self.split.least) if self.prefix_cache else (None, 0)
         cache = cache or self.target.make_cache(batch=1, chunk=self.chunk)
         part = None if images is None else (images[0][:, common:], images[1])
         logits, hidden = self.target.prefill(mx.array([prompt[common:]]), cache, images=part)
@@ -224,6 +259,9 @@ def generate_tokens(target: Target, drafter: Drafter | None, prompt: list[int], 
     With a prefix cache, the sequence's cache ends there holding the prompt and every emitted token but the last, so
     the next prompt of a conversation reuses it."""
     decoder = Decoder(target, drafter, params, draft, eos_ids, chunk=chunk, prefix_cache=prefix_cache)
-    row = decoder.add(prompt, max_tokens, seed=seed)
-    for new in decoder.follow(row):
-        yield new, row.stats
+    try:
+        row = decoder.add(prompt, max_tokens, seed=seed)
+        for new in decoder.follow(row):
+            yield new, row.stats
+    finally:
+        decoder.close()

@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 import mlx.core as mx
 import numpy as np
 
-from . import image
+from . import image, pipeline
 from .loader import LoadError, load_drafter, load_target, load_vision, vision_settings
 from .models.gemma4_assistant import Drafter, PairError
 from .models.gemma4_text import Target
@@ -104,11 +104,14 @@ class Engine:
         return ids, (np.array([[t == cfg["image_token_id"] for t in ids]]), features)
 
 
-def load(target, drafter=None, dtype: str | None = None, progress: bool = True) -> Engine:
+def load(target, drafter=None, dtype: str | None = None, progress: bool = True, group=None) -> Engine:
     """Load a target and optionally its MTP drafter (a local dir, a converted dir or a hub id; a hub id or a Hugging
     Face dir is converted once, in `dtype`: by default fp32 on MLX's CPU backend, bf16 on Metal and CUDA). A drafter
-    that does not fit the target (hidden size, vocabulary, KV geometry) is refused with the reason (PairError)."""
-    model, tokenizer, path = load_target(target, dtype, progress)
+    that does not fit the target (hidden size, vocabulary, KV geometry) is refused with the reason (PairError).
+
+    `group` (`pipeline.join()` under mlx.launch): split the target's layers across its processes (pipeline.py);
+    rank 0 drives the engine, every other rank runs `follow(engine)`."""
+    model, tokenizer, path = load_target(target, dtype, progress, group)
     engine = Engine(model, tokenizer, path=path)
     vision = vision_settings(path)
     if vision and getattr(model.config, "use_bidirectional_attention", None) == "vision":
@@ -116,6 +119,16 @@ def load(target, drafter=None, dtype: str | None = None, progress: bool = True) 
     if drafter is not None:
         engine.drafter = load_drafter(drafter, model, dtype, progress)
     return engine
+
+
+def follow(engine: Engine):
+    """A pipeline rank other than 0: build the decoders rank 0 opens and repeat what they do, until it quits."""
+
+    def build(setup: dict) -> Decoder:
+        return Decoder(engine.target, engine.drafter, SamplingParams(**setup["params"]), None, setup["eos_ids"],
+                       engine.tokenizer, setup["chunk"], prefix_cache=engine.prefix_cache if setup["prefix"] else None)
+
+    pipeline.follow(engine.target.split, build)
 
 
 @dataclass
@@ -156,9 +169,12 @@ def stream_generate(engine: Engine, prompt, max_tokens: int = 256, temperature: 
     decoder = Decoder(engine.target, engine.drafter, SamplingParams(temperature, top_p, top_k, min_p),
                       draft_length(engine, draft_tokens), engine.eos_ids, engine.tokenizer, engine.chunk,
                       prefix_cache=engine.prefix_cache)
-    row = decoder.add(tokens, max_tokens, stop_list(stop), seed, images)
-    for new in decoder.follow(row):
-        yield Piece(row.stream.take(), new, row.stats, row.finish_reason)
+    try:
+        row = decoder.add(tokens, max_tokens, stop_list(stop), seed, images)
+        for new in decoder.follow(row):
+            yield Piece(row.stream.take(), new, row.stats, row.finish_reason)
+    finally:
+        decoder.close()
 
 
 def generate(engine: Engine, prompt, **kwargs) -> Generation:
@@ -185,6 +201,7 @@ def generate_batch(engine: Engine, prompts, max_tokens: int = 256, temperature: 
         rows.append(decoder.add(tokens, max_tokens, stop_list(stop), s, images))
     while decoder.rows:
         decoder.step()
+    decoder.close()
     return [Generation(r.stream.text, r.tokens, r.stats, r.finish_reason) for r in rows]
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 from mlx_lm.utils import dequantize_model, load_model, load_tokenizer
 
 from .convert.safetensors_io import SafetensorsError, open_checkpoint
@@ -25,6 +26,7 @@ from .draft_length import K_MAX
 from .models import ConfigError, family, matmul, model_kind
 from .models.gemma4_assistant import Drafter, DrafterConfig, check_pair
 from .models.gemma4_text import Target, text_config_of
+from .pipeline import Split, SplitError, layer_bytes, plan
 
 CONVERSION = 3  # v2: GGUFs get a chat template; v3: multimodal wrappers keep their vision tower
 
@@ -143,12 +145,12 @@ def _classes(config: dict):
     return fam.Model, type("Args", (), {"from_dict": staticmethod(fam.config_of)})
 
 
-def load_checkpoint(path: Path) -> nn.Module:
-    """A Target or a Drafter from an MLX dir, whichever its config says."""
+def load_checkpoint(path: Path, lazy: bool = False) -> nn.Module:
+    """A Target or a Drafter from an MLX dir, whichever its config says (`lazy`: weights read when first used)."""
     raw = read_config(path)
     try:
         model_kind(raw)
-        model, _ = load_model(path, get_model_classes=_classes)
+        model, _ = load_model(path, lazy=lazy, get_model_classes=_classes)
     except ConfigError as e:
         raise LoadError(f"{path}: {e}") from None
     except (ValueError, FileNotFoundError) as e:
@@ -171,18 +173,45 @@ def eos_ids(path: Path, raw: dict) -> list[int]:
     return ids
 
 
-def load_target(source, dtype: str | None = None, progress: bool = True):
-    """(Target, tokenizer wrapper, path) for a target source."""
-    path = resolve(source, dtype, progress)
-    model = load_checkpoint(path)
+def load_target(source, dtype: str | None = None, progress: bool = True, group=None):
+    """(Target, tokenizer wrapper, path) for a target source; with a distributed `group`, this rank's part of a
+    pipeline split (pipeline.py), only its weights read."""
+    path = resolve_in_turn(source, dtype, progress, group)
+    model = load_checkpoint(path, lazy=group is not None)
     if isinstance(model, Drafter):
         raise LoadError(f"{source} is a drafter ({model.config.model_type}), not a target model")
+    if group is not None:
+        split_target(model, path, group)
     try:
         tokenizer = load_tokenizer(path, eos_token_ids=eos_ids(path, read_config(path)))
     except Exception as e:  # tokenizers raise many kinds; the user needs the one line
         raise LoadError(f"{path}: cannot load the tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     matmul.calibrate(model.projection_weights(), K_MAX + 1, cache_home() / "matmul.json")  # a verify's rows: 1 + K
     return model, tokenizer, path
+
+
+def resolve_in_turn(source, dtype: str | None, progress: bool, group) -> Path:
+    """`resolve`; in a distributed group rank 0 first (ranks on one machine then find its conversion), and only it
+    shows progress."""
+    if group is None:
+        return resolve(source, dtype, progress)
+    path = resolve(source, dtype, progress) if group.rank() == 0 else None
+    mx.eval(mx.distributed.all_sum(mx.array(1), group=group))
+    return path or resolve(source, dtype, progress=False)
+
+
+def split_target(model: Target, path: Path, group):
+    """Keep this rank's part of the target (pipeline.plan over the checkpoint's weight bytes) and read its weights."""
+    sizes = [(name, f.entries[name]["data_offsets"][1] - f.entries[name]["data_offsets"][0])
+             for name, f in check_weights(path).items()]
+    n = model.config.num_hidden_layers
+    try:
+        split = Split(plan(model.config, group.size(), layer_bytes(sizes, n)), group)
+    except SplitError as e:
+        raise LoadError(f"{path}: {e}") from None
+    model.pipeline(split)
+    mx.eval(model.parameters())
+    split.share_layout(sum(v.nbytes for _, v in tree_flatten(model.parameters())))
 
 
 def load_vision(path) -> tuple[Vision, dict]:
@@ -234,11 +263,11 @@ def vision_settings(path) -> dict | None:
 
 
 def load_drafter(source, target: Target, dtype: str | None = None, progress: bool = True) -> Drafter:
-    path = resolve(source, dtype, progress)
-    model = load_checkpoint(path)
+    path = resolve_in_turn(source, dtype, progress, target.split.group)
+    model = load_checkpoint(path, lazy=not target.split.last)  # under a split only the last rank drafts
     if not isinstance(model, Drafter):
         raise LoadError(f"{source} is a target model, not a drafter (gemma4_assistant)")
-    if mx.default_device() == mx.cpu and any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()):
+    if target.split.last and mx.default_device() == mx.cpu and any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()):
         # MLX's CPU kernels for quantized matmuls and embedding gathers at a drafter's sizes are ~3x slower than
         # float32 ones (a demo draft step: 13 ms 4-bit, 4.5 ms fp32): a quantized drafter is kept small on disk and
         # runs in float32 on the CPU backend (on Metal and CUDA, as stored)

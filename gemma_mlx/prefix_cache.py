@@ -38,19 +38,22 @@ class PrefixCache:
     def nbytes(self) -> int:
         return sum(c.nbytes() for c in self.entries.values())
 
-    def take(self, prompt: list[int]) -> tuple[TargetCache | None, int]:
+    def take(self, prompt: list[int], least=lambda n: n) -> tuple[TargetCache | None, int]:
         """A batch-1 cache holding the longest prefix of `prompt` that a kept sequence shares (at most all tokens but
-        the last, which is run for its logits), and that prefix's length; (None, 0) if there is none."""
+        the last, which is run for its logits), and that prefix's length; (None, 0) if there is none. `least`: the
+        smallest of every pipeline rank's value (pipeline.Split.least), so that every rank resumes from the same
+        prefix (each rank keeps and evicts its own caches)."""
         best, common = None, 0
         for tokens in self.entries:
             n = min(common_prefix(tokens, prompt), len(prompt) - 1)
             if n > common:
                 best, common = tokens, n
-        if best is None:
+        common = least(common)
+        cache = self.entries[best].row(0) if common else None  # a copy: the kept one stays as it is
+        if not least(int(cache is not None and cache.truncate(common))):
             return None, 0
         self.entries.move_to_end(best)
-        cache = self.entries[best].row(0)  # a copy: the kept one stays as it is
-        return (cache, common) if cache.truncate(common) else (None, 0)
+        return cache, common
 
     def keep(self, tokens: list[int], cache: TargetCache):
         """Keep a batch-1 cache holding `tokens`; kept sequences it extends are dropped, then the least recently

@@ -126,7 +126,7 @@ class Scheduler:
                 for decoder, jobs in active:
                     for job in jobs:
                         if job.cancelled and job.row.finish_reason is None:
-                            job.row.cancelled = True  # the decoder drops it after this round
+                            decoder.cancel(job.row)  # it leaves after this round
                     decoder.step()
                     for job in list(jobs):
                         job.publish()

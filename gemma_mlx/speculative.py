@@ -39,10 +39,17 @@ class Round:
     def __init__(self, target: Target, drafter: Drafter | None, cache: TargetCache, x: mx.array, g: mx.array,
                  k: int, params: SamplingParams, seeds=None):
         self.cache, self.k, self.started = cache, k, time.perf_counter()
+        B, split = x.shape[0], target.split
         positions = cache.lengths[:, None] + 1 + np.arange(k + 1)  # of the tokens the verify logits predict
-        self.drafts = drafter.draft(target, x, g, cache, k) if k else mx.zeros((x.shape[0], 0), mx.int32)
+        self.drafts = mx.zeros((B, 0), mx.int32)
+        if k:  # the drafter runs on the last rank of a pipeline; the first embeds its drafts
+            self.drafts, = split.from_last(lambda: (drafter.draft(target, x, g, cache, k),), ((B, k), mx.int32))
+            if split.size > 1:
+                mx.eval(self.drafts)  # before any rank waits for activations (a receive cannot wait for it)
         logits, self.hidden = target(mx.concatenate([x, self.drafts.astype(x.dtype)], axis=1), cache)
-        self.accept, self.fallback = verify_choices(logits, self.drafts, params, seeds, positions)
+        self.accept, self.fallback = split.from_last(
+            lambda: verify_choices(logits, self.drafts, params, seeds, positions), ((B, k), mx.bool_),
+            ((B, k + 1), mx.int32))
         mx.async_eval(self.drafts, self.accept, self.fallback, self.hidden)
         self.built_at = time.perf_counter()
 

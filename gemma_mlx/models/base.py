@@ -13,6 +13,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..cache import TargetCache
+from ..pipeline import Split
 from .matmul import linear
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -209,12 +210,13 @@ def image_chunk_end(where: np.ndarray, s: int, e: int, chunk: int) -> int:
                      f"a chunk of at least {n}")
 
 
-def cache_for(config, batch: int = 1, chunk: int = 256) -> TargetCache:
+def cache_for(config, batch: int = 1, chunk: int = 256, layers: range | None = None) -> TargetCache:
     """The target cache of a config (Gemma 4's or Gemma 3's: layer_types, first_shared_layer, sliding_window,
-    producer_for): one layer cache per producer layer."""
-    types = config.layer_types[: config.first_shared_layer]
-    producers = {t: config.producer_for(t) for t in set(types)}
-    return TargetCache([t != FULL for t in types], config.sliding_window, producers, batch, chunk)
+    producer_for): one layer cache per producer layer, of the given `layers` only (a pipeline rank's)."""
+    types = config.layer_types
+    own = [i for i in (layers or range(len(types))) if i < config.first_shared_layer]
+    producers = {types[i]: i for i in own}  # each type's last own producer: the drafter's on the last rank
+    return TargetCache({i: types[i] != FULL for i in own}, config.sliding_window, producers, batch, chunk)
 
 
 class CausalLM(nn.Module):
@@ -225,13 +227,37 @@ class CausalLM(nn.Module):
     def __init__(self, config, model: nn.Module):
         super().__init__()
         self.config, self.model = config, model
+        self.model.split = Split.whole(config.num_hidden_layers)
         if not config.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
+    @property
+    def split(self) -> Split:
+        return self.model.split
+
+    def pipeline(self, split: Split):
+        """Keep this rank's part of the model (its layers; the input tables on the first rank; the final norm, the
+        head and the token embedding the drafter reads on the last): what is dropped is never read from disk."""
+        model = self.model
+        for i in range(len(model.layers)):
+            if i not in split.layers:
+                model.layers[i] = None
+        drop = [] if split.first else [k for k in model if k.startswith(("embed_tokens_per_layer", "per_layer_"))]
+        drop += [] if split.last else ["norm"] + ([] if split.first else ["embed_tokens"])
+        for name in drop:
+            del model[name]
+        if not split.last and "lm_head" in self:
+            del self["lm_head"]
+        split.dtype = model.layers[split.layers.start].input_layernorm.weight.dtype
+        model.split = split
+
     def __call__(self, tokens: mx.array, cache: TargetCache, last_only: bool = False, images=None):
+        """(logits, final-norm hidden); on a pipeline rank before the last, (None, what it sent on)."""
         hidden = self.model(tokens, cache) if images is None else self.model(tokens, cache, images)
         if last_only:
             hidden = hidden[:, -1:]
+        if not self.split.last:
+            return None, hidden
         return self.logits(hidden), hidden
 
     def logits(self, hidden: mx.array) -> mx.array:
@@ -240,12 +266,13 @@ class CausalLM(nn.Module):
         return out if cap is None else softcap(out, cap)
 
     def make_cache(self, batch: int = 1, chunk: int = 256) -> TargetCache:
-        return cache_for(self.config, batch, chunk)
+        return cache_for(self.config, batch, chunk, self.split.layers)
 
     def projection_weights(self) -> list:
         """The weights `linear` multiplies (matmul.calibrate): every Linear's and the tied head's."""
         weights = [m.weight for _, m in self.named_modules() if isinstance(m, Linear)]
-        return weights + ([self.model.embed_tokens.weight] if self.config.tie_word_embeddings else [])
+        tied = self.config.tie_word_embeddings and "embed_tokens" in self.model
+        return weights + ([self.model.embed_tokens.weight] if tied else [])
 
     def prefill(self, tokens: mx.array, cache: TargetCache, images=None):
         """Run a prompt through in chunks of at most `cache.chunk` tokens; returns the last position's
@@ -262,6 +289,6 @@ class CausalLM(nn.Module):
                 n0, n = int(where[0, :s].sum()), int(where[0, s:e].sum())
                 part = (where[:, s:e], features[n0 : n0 + n]) if n else None
             logits, hidden = self(tokens[:, s:e], cache, last_only=True, images=part)
-            mx.eval(logits, hidden, cache.state())
+            mx.eval([a for a in (logits, hidden) if a is not None], cache.state())
             s = e
         return logits, hidden

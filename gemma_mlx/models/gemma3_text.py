@@ -209,15 +209,18 @@ class Gemma3TextModel(nn.Module):
         return scaled_embedding(self.embed_tokens, tokens, self.cfg.hidden_size)
 
     def __call__(self, tokens: mx.array, cache: TargetCache) -> mx.array:
-        T = tokens.shape[1]
+        """Final-norm hidden states; under a pipeline split (pipeline.py) this rank's layers, and before the last
+        rank what it sent on."""
+        split = self.split
+        B, T = tokens.shape
         start = cache.lengths.copy()
         offset = mx.array(start, dtype=mx.int32)
-        reads = {t: cache.reads(t, start, T) for t in set(self.cfg.layer_types)}
-        h = self.embed(tokens)
-        for i, layer in enumerate(self.layers):
-            slots, mask = reads[layer.layer_type]
-            h = layer(h, offset, Span(cache.layers[i], slots), mask)
-        return self.norm(h)
+        reads = {t: cache.reads(t, start, T) for t in {self.cfg.layer_types[i] for i in split.layers}}
+        h = self.embed(tokens) if split.first else split.receive((B, T, self.cfg.hidden_size))
+        for i in split.layers:
+            slots, mask = reads[self.layers[i].layer_type]
+            h = self.layers[i](h, offset, Span(cache.layer(i), slots), mask)
+        return self.norm(h) if split.last else split.pass_on(h)
 
 
 class Gemma3Target(CausalLM):

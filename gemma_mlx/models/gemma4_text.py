@@ -254,13 +254,26 @@ class Gemma4TextModel(nn.Module):
 
     def __call__(self, tokens: mx.array, cache: TargetCache, images: Optional[tuple] = None) -> mx.array:
         """`images`: (where [B, T] bool numpy, features [n, H]): the image tokens of this forward and their soft
-        tokens (row-major order), which replace the tokens' embeddings (design.md "Images")."""
-        cfg = self.cfg
+        tokens (row-major order), which replace the tokens' embeddings (design.md "Images"). Under a pipeline split
+        (pipeline.py) the layers are this rank's, and what a rank before the last returns is what it sent on."""
+        cfg, split = self.cfg, self.split
         B, T = tokens.shape
         start = cache.lengths.copy()
         offset = mx.array(start, dtype=mx.int32)
         blocks = image_blocks(images[0]) if images and cfg.use_bidirectional_attention == "vision" else None
-        reads = {t: cache.reads(t, start, T, blocks if t == SLIDING else None) for t in set(cfg.layer_types)}
+        types = {cfg.layer_types[i] for i in split.layers}
+        reads = {t: cache.reads(t, start, T, blocks if t == SLIDING else None) for t in types}
+        h, ple = self.inputs(tokens, images) if split.first else self.received(B, T)
+        for i in split.layers:
+            layer = self.layers[i]
+            slots, mask = reads[layer.layer_type]
+            c = Span(cache.layer(cfg.kv_source(i)), slots)
+            h = layer(h, offset, c, mask, None if ple is None else ple[:, :, i - split.layers.start, :])
+        return self.norm(h) if split.last else self.pass_on(h, ple)
+
+    def inputs(self, tokens: mx.array, images: Optional[tuple]) -> tuple[mx.array, Optional[mx.array]]:
+        """The embeddings (soft tokens at image positions) and the per-layer inputs (PLE) of every layer."""
+        cfg = self.cfg
         where = None if images is None else mx.array(images[0])
         if where is not None:  # image tokens are embedded as <pad> (their own ids may be outside the table)
             tokens = mx.where(where, cfg.pad_token_id or 0, tokens)
@@ -268,11 +281,21 @@ class Gemma4TextModel(nn.Module):
         if where is not None:
             h = merge_images(h, images[0], images[1])
         ple = self.per_layer_inputs(tokens, h) if cfg.hidden_size_per_layer_input else None  # images: <pad>'s ids
-        for i, layer in enumerate(self.layers):
-            slots, mask = reads[layer.layer_type]
-            c = Span(cache.layers[cfg.kv_source(i)], slots)
-            h = layer(h, offset, c, mask, None if ple is None else ple[:, :, i, :])
-        return self.norm(h)
+        return h, ple
+
+    def pass_on(self, h: mx.array, ple: Optional[mx.array]) -> mx.array:
+        """Send the next rank the stream and the per-layer inputs of the layers after this rank's, in one array."""
+        if ple is not None:
+            rest = ple[:, :, len(self.split.layers) :, :]
+            h = mx.concatenate([h, rest.reshape(*h.shape[:2], -1).astype(h.dtype)], axis=-1)
+        return self.split.pass_on(h)
+
+    def received(self, B: int, T: int) -> tuple[mx.array, Optional[mx.array]]:
+        """What the previous rank's `pass_on` sent: the stream and the per-layer inputs from this rank's layers on."""
+        H, P = self.cfg.hidden_size, self.cfg.hidden_size_per_layer_input
+        rest = self.cfg.num_hidden_layers - self.split.layers.start
+        x = self.split.receive((B, T, H + rest * P))
+        return x[..., :H], (x[..., H:].reshape(B, T, rest, P) if P else None)
 
 
 def image_blocks(where: np.ndarray) -> np.ndarray:
