@@ -11,10 +11,14 @@ loaded with RTLD_GLOBAL before `mlx.core` is imported takes over MLX's `cblas_*`
 - Debian's `libopenblas0-pthread` (`make install` installs it on Linux).
 
 `GEMMA_MLX_BLAS=mkl|openblas|reference` picks one (reference: preload nothing); by default the best one found.
+Processes of one `mlx.launch` on the same host (a pipeline tried on one machine) share its cores: each BLAS gets
+cores / local ranks threads, since spinning OpenMP threads of several processes on the same cores made every round
+of a split model ~10x slower.
 This must run before the first `import mlx.core` in the process; `gemma_mlx/__init__.py` calls it first thing.
 """
 
 import ctypes
+import json
 import os
 import sys
 from importlib import metadata
@@ -57,10 +61,34 @@ def candidates(choice: str):
         yield from (("OpenBLAS", p) for p in OPENBLAS if os.path.exists(p))
 
 
+def local_ranks() -> int:
+    """How many processes of this mlx.launch (or mpirun) run on this host: 1 when not launched."""
+    if n := os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE"):
+        return int(n)
+    path, rank = os.environ.get("MLX_HOSTFILE"), os.environ.get("MLX_RANK")
+    if not path or rank is None:
+        return 1
+    try:  # the ring backend's hostfile: one list of "ip:port" per rank
+        with open(path) as f:
+            hosts = [addresses[0].rsplit(":", 1)[0] for addresses in json.load(f)]
+        return hosts.count(hosts[int(rank)])
+    except (OSError, ValueError, TypeError, IndexError, KeyError, AttributeError):
+        return 1  # another backend's file (JACCL names devices): one rank per host
+
+
+def share_cores():
+    """Each of n local ranks gets cores / n BLAS threads (unless the user set them)."""
+    if (n := local_ranks()) > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // n))
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ.setdefault(var, threads)
+
+
 def preload_blas() -> str:
     global status
     if not sys.platform.startswith("linux"):
         return status
+    share_cores()
     notes, choice = [], os.environ.get("GEMMA_MLX_BLAS", "").lower()
     if choice not in ("", "mkl", "openblas", "reference"):
         notes.append(f"GEMMA_MLX_BLAS={choice!r} is not one of mkl, openblas, reference: ignored")

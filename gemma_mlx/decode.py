@@ -30,6 +30,7 @@ import numpy as np
 
 from .draft_length import DraftLength, RoundClock
 from .models.gemma4_assistant import Drafter
+from .pipeline import ends_when_lost
 from .prefix_cache import PrefixCache
 from .models.gemma4_text import Target
 from .sampling import SamplingParams, verify_choices
@@ -94,6 +95,7 @@ class Decoder:
         if self.split.announcing:
             self.split.announce({"op": op, "decoder": self.key, "args": args})
 
+    @ends_when_lost
     def add(self, prompt: list[int], max_tokens: int, stops=(), seed: int | None = None, images=None) -> Row:
         """Prefill a new row and merge it into the batch (between rounds). Sampling draws from the row's own seed
         (sampling.py), so a seeded row gives the same tokens alone or in any batch. `images`: (where, soft
@@ -129,6 +131,7 @@ class Decoder:
         self.clock.restart()
         return row
 
+    @ends_when_lost
     def step(self) -> list[Row]:
         """One round for every row; returns the rows that finished since the last step (they have left the batch)."""
         if self.rows:
@@ -154,6 +157,7 @@ class Decoder:
             if row.finish_reason is None:
                 self.remove(row)
 
+    @ends_when_lost
     def remove(self, row: Row):
         """Take a row out of the batch between rounds (a cancelled request); the tokens it has stay in `row`."""
         if row in self.rows:
@@ -161,12 +165,14 @@ class Decoder:
         row.cancelled = row.finish_reason is None
         self._keep([i for i, r in enumerate(self.rows) if r is not row])
 
+    @ends_when_lost
     def cancel(self, row: Row):
         """Mark a row cancelled: it leaves the batch after the next round (a client that went away)."""
         if row in self.rows:
             self._announce("cancel", row=self.rows.index(row))
             row.cancelled = True
 
+    @ends_when_lost
     def close(self):
         """Under a pipeline split, the other ranks forget this decoder (it gets no more rows)."""
         self._announce("close")

@@ -52,13 +52,14 @@ def target_path() -> Path:
     return Path(package.assemble())
 
 
-def load_pair():
-    """The demo engine: the target converted to fp32 once (cached in GEMMA_MLX_HOME) and the committed drafter."""
+def load_pair(group=None):
+    """The demo engine: the target converted to fp32 once (cached in GEMMA_MLX_HOME) and the committed drafter
+    (`group`: split across mlx.launch's processes, as gemma_mlx.load)."""
     import gemma_mlx
 
     if not (DRAFTER / "config.json").exists():
         raise DemoError(f"no demo drafter in {DRAFTER} (train one: gemma-mlx distill, see the README)")
-    return gemma_mlx.load(target_path(), DRAFTER, dtype="fp32")
+    return gemma_mlx.load(target_path(), DRAFTER, dtype="fp32", group=group)
 
 
 @dataclass

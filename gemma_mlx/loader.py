@@ -100,6 +100,7 @@ class Description:
     parameters: int  # weights' elements (quantized ones unpacked; scales and biases not counted)
     nbytes: int
     dtypes: list  # as the files name them: F32, BF16, U32 (packed quantized), Q4_K, ...
+    sizes: list | None  # (tensor name, bytes) of an MLX or Hugging Face dir: what a pipeline split places
 
     @property
     def is_drafter(self) -> bool:
@@ -114,6 +115,7 @@ def describe(source: str | Path) -> Description:
 
     path = Path(source).expanduser()
     try:
+        sizes = None
         if path.suffix == ".gguf" and path.is_file():
             raw, tensors = describe_gguf(path)
         else:
@@ -121,14 +123,19 @@ def describe(source: str | Path) -> Description:
                 path = resolve_source(str(source), progress=True)
             raw = read_config(path)
             bits = (raw.get("quantization") or {}).get("bits")
-            tensors = [(f.dtype(k), _elements(k, f.shape(k), f.dtype(k), bits),
-                        f.entries[k]["data_offsets"][1] - f.entries[k]["data_offsets"][0])
-                       for k, f in check_weights(path).items()]
+            files = check_weights(path)
+            tensors = [(f.dtype(k), _elements(k, f.shape(k), f.dtype(k), bits), _nbytes(f, k)) for k, f in files.items()]
+            sizes = [(k, _nbytes(f, k)) for k, f in files.items()]
         config = family(raw).config_of(raw)
     except (ConfigError, GGUFError, SourceError, ConvertError) as e:
         raise LoadError(f"{source}: {e}") from None
     return Description(path, raw, config, sum(n for _, n, _ in tensors), sum(b for _, _, b in tensors),
-                       sorted({t for t, n, _ in tensors if n}))
+                       sorted({t for t, n, _ in tensors if n}), sizes)
+
+
+def _nbytes(f, name: str) -> int:
+    start, end = f.entries[name]["data_offsets"]
+    return end - start
 
 
 def _elements(name: str, shape, dtype: str, bits) -> int:
@@ -202,8 +209,7 @@ def resolve_in_turn(source, dtype: str | None, progress: bool, group) -> Path:
 
 def split_target(model: Target, path: Path, group):
     """Keep this rank's part of the target (pipeline.plan over the checkpoint's weight bytes) and read its weights."""
-    sizes = [(name, f.entries[name]["data_offsets"][1] - f.entries[name]["data_offsets"][0])
-             for name, f in check_weights(path).items()]
+    sizes = [(name, _nbytes(f, name)) for name, f in check_weights(path).items()]
     n = model.config.num_hidden_layers
     try:
         split = Split(plan(model.config, group.size(), layer_bytes(sizes, n)), group)

@@ -122,6 +122,7 @@ class Scheduler:
                 if not active:
                     self.wake.wait(0.5)
                     self.wake.clear()
+                    self.engine.target.split.heartbeat()
                     continue
                 for decoder, jobs in active:
                     for job in jobs:

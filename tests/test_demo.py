@@ -59,7 +59,7 @@ def tiny_demo(monkeypatch, mlx_dir, tmp_path):
     import gemma_mlx
 
     engine = gemma_mlx.load(str(mlx_dir("e2blike")), drafter=str(mlx_dir("e2blike", ordered=True)), dtype="fp32")
-    monkeypatch.setattr(demo, "load_pair", lambda: engine)
+    monkeypatch.setattr(demo, "load_pair", lambda group=None: engine)
     monkeypatch.setattr(demo, "target_path", lambda: tmp_path / "tiny.gguf")
     return engine
 

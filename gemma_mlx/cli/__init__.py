@@ -65,10 +65,15 @@ def user_errors(fn):
         from ..models.base import ConfigError
         from ..models.gemma4_assistant import PairError
 
+        from .. import pipeline
+
         try:
             return fn(*args, **kwargs)
         except (UserError, LoadError, PairError, ConfigError, ConvertError, ValueError, FileNotFoundError) as e:
             fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        except RuntimeError as e:
+            pipeline.end_if_lost(e)  # a pipeline rank that lost its peers while loading
+            raise
 
     return wrapper
 
@@ -95,24 +100,49 @@ def assistant_for(model: str) -> Optional[str]:
 
 
 def load_engine(model: Optional[str], drafter: Optional[str]):
+    """The engine of --model / --drafter. Under mlx.launch with several processes the target is split across them
+    (pipeline.py): rank 0 returns the engine and runs the command; every other rank follows it, then exits."""
     import gemma_mlx
+    from .. import pipeline
 
     model = model or DEFAULT_MODEL
     guessed = drafter is None
     drafter = assistant_for(model) if guessed else None if drafter.lower() == "none" else drafter
+    group = pipeline.join()
+    leader = group is None or group.rank() == 0
     try:
-        engine = gemma_mlx.load(model, drafter=drafter)
+        engine = gemma_mlx.load(model, drafter=drafter, progress=leader, group=group)
     except gemma_mlx.LoadError as e:
         if "cannot download" in str(e):
             raise UserError(f"{model} is not cached and cannot be downloaded (offline?): convert it elsewhere with "
                             "`gemma-mlx convert`, or pass --model DIR") from None
         raise
-    if guessed and drafter is None:
+    if leader and guessed and drafter is None:
         err.print(f"[yellow]no MTP drafter known for {model}: plain decoding (pass --drafter DIR|ID)[/yellow]")
-    note_slow_weights(engine.target)
-    if VERBOSE:
+    if leader:
+        note_slow_weights(engine.target)
+    if VERBOSE and leader:
         err.print(f"[dim]target {model}, drafter {drafter or 'none'}[/dim]")
-    return engine
+    return lead_or_follow(engine)
+
+
+def lead_or_follow(engine):
+    """Rank 0 of a pipeline (or a process alone) gets the engine back; the others follow rank 0 until it quits."""
+    import atexit
+
+    from .. import pipeline
+    from ..generate import follow
+
+    split = engine.target.split
+    if split.size == 1:
+        return engine
+    if split.rank == 0:
+        err.print(f"[dim]split over {split.size} ranks: layers "
+                  + ", ".join(f"{a}-{e - 1}" for a, e in split.ranges) + "[/dim]")
+        atexit.register(pipeline.quit_followers, split)
+        return engine
+    follow(engine)
+    raise typer.Exit(0)
 
 
 def slow_on_cpu(dtype: Optional[str], bits: Optional[int]) -> Optional[str]:
@@ -147,8 +177,10 @@ def demo_engine(model: Optional[str] = None, drafter: Optional[str] = None):
 
     if model or drafter:
         raise UserError("--demo runs the demo pair: give it without --model / --drafter")
+    from .. import pipeline
+
     try:
-        return demo.load_pair()
+        return lead_or_follow(demo.load_pair(pipeline.join()))
     except demo.DemoError as e:
         raise UserError(str(e)) from None
 

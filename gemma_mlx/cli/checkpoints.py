@@ -47,10 +47,14 @@ def convert(
 def info(
     model: str = typer.Argument(..., help="A model dir or hub id (target or drafter)."),
     drafter: Optional[str] = typer.Option(None, "--drafter", "-d", help="Check whether this drafter fits the target."),
+    hostfile: Optional[Path] = typer.Option(None, "--hostfile", help="mlx.launch's hostfile: show how the target's "
+                                            "layers and bytes would be split across its hosts (nothing is loaded)."),
+    hosts: Optional[str] = typer.Option(None, "--hosts", help="As mlx.launch --hosts (host1,host2,...): the same."),
 ):
-    """Architecture, size, dtype/quantization, memory estimate; with --drafter, whether the pair matches.
+    """Architecture, size, dtype/quantization, memory estimate; with --drafter, whether the pair matches; with
+    --hostfile or --hosts, the pipeline split `mlx.launch ... -- gemma-mlx` would make.
 
-    Example: gemma-mlx info models/e2b --drafter models/e2b-assistant"""
+    Example: gemma-mlx info models/e2b --drafter models/e2b-assistant --hosts mac1,mac2"""
     from ..loader import describe
     from ..models.gemma4_assistant import PairError, check_pair
 
@@ -77,6 +81,8 @@ def info(
     if not m.is_drafter:
         table.add_row("KV per 1k tokens", f"{kv_bytes_per_token(cfg, 2) * 1000 / 2**20:.1f} MiB (bf16)")
     out.print(table)
+    if hostfile or hosts:
+        print_split(m, hosts_of(hostfile, hosts))
     if drafter:
         if m.is_drafter:
             raise UserError(f"{model} is a drafter; pass the target first")
@@ -90,6 +96,47 @@ def info(
             raise typer.Exit(1)
         out.print(f"[green]pair matches[/green]: drafter {d.config.text.num_hidden_layers} layers, hidden "
                   f"{d.config.text.hidden_size}, {'centroid' if d.config.use_ordered_embeddings else 'dense'} head")
+
+
+def hosts_of(hostfile: Optional[Path], hosts: Optional[str]) -> list[str]:
+    """The hosts of an mlx.launch hostfile or --hosts list, in rank order, read as mlx.launch reads them."""
+    from mlx._distributed_utils.common import Hostfile
+
+    if hostfile and hosts:
+        raise UserError("give one of --hostfile and --hosts")
+    try:
+        parsed = Hostfile.from_file(hostfile) if hostfile else Hostfile.from_list(hosts)
+    except ValueError as e:
+        raise UserError(str(e).splitlines()[0]) from None
+    return [h.ssh_hostname for h in parsed.hosts]
+
+
+def print_split(m, hosts: list[str]):
+    """The pipeline split of target `m` over `hosts` (pipeline.plan): each rank's layers and weight bytes."""
+    from ..pipeline import SplitError, held, layer_bytes, plan
+
+    if m.is_drafter:
+        raise UserError(f"{m.path} is a drafter: a split is of the target (the drafter runs on the last rank)")
+    if m.sizes is None:
+        raise UserError(f"{m.path.name}: convert it first (gemma-mlx convert), then ask for the split of the "
+                        "converted dir: a GGUF is split after its conversion, in the dtype it is converted to")
+    if len(hosts) < 2:
+        raise UserError(f"a split needs at least 2 hosts, got {len(hosts)}")
+    cfg = m.config
+    sizes = layer_bytes(m.sizes, cfg.num_hidden_layers)
+    try:
+        ranges = plan(cfg, len(hosts), sizes)
+    except SplitError as e:
+        raise UserError(str(e)) from None
+    table = Table(title=f"split over {len(hosts)} ranks", title_justify="left")
+    for column in ("rank", "host", "layers", "weights"):
+        table.add_column(column, justify="right" if column == "weights" else "left")
+    for r, (host, (a, e)) in enumerate(zip(hosts, ranges)):
+        tables = [what for what, on in (("embeddings", r == 0), ("norm + head", r == len(hosts) - 1)) if on]
+        table.add_row(str(r), host, f"{a}-{e - 1}" + (f" + {', '.join(tables)}" if tables else ""),
+                      f"{held(sizes, r, len(hosts), a, e) / 2**30:.2f} GiB")
+    out.print(table)
+    out.print("[dim]each rank also holds its own layers' KV cache; the last rank runs the drafter[/dim]")
 
 
 def kv_bytes_per_token(cfg, itemsize: int) -> int:

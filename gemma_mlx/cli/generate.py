@@ -81,10 +81,14 @@ def generate(
             results += gemma_mlx.generate_batch(engine, inputs[s:s + batch_size], **kwargs)
     else:
         results = [gemma_mlx.generate(engine, p, reuse_cache=False, **kwargs) for p in inputs]
+    split = engine.target.split
     for p, r in zip(prompts, results):
         if as_json:
-            out.print_json(json.dumps(dict(prompt=p, text=r.text, tokens=r.tokens, finish_reason=r.finish_reason,
-                                           stats=r.stats.as_dict())), indent=None)
+            record = dict(prompt=p, text=r.text, tokens=r.tokens, finish_reason=r.finish_reason,
+                          stats=r.stats.as_dict())
+            if split.size > 1:
+                record["distributed"] = split.describe()
+            out.print_json(json.dumps(record), indent=None)
         else:
             out.print(r.text)
             err.print(f"[dim]{status_line(r.stats)}[/dim]")
