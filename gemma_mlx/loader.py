@@ -124,7 +124,8 @@ def describe(source: str | Path) -> Description:
             raw = read_config(path)
             bits = (raw.get("quantization") or {}).get("bits")
             files = check_weights(path)
-            tensors = [(f.dtype(k), _elements(k, f.shape(k), f.dtype(k), bits), _nbytes(f, k)) for k, f in files.items()]
+            tensors = [(f.dtype(k), _elements(k, f.shape(k), f.dtype(k), bits), _nbytes(f, k))
+                       for k, f in files.items()]
             sizes = [(k, _nbytes(f, k)) for k, f in files.items()]
         config = family(raw).config_of(raw)
     except (ConfigError, GGUFError, SourceError, ConvertError) as e:

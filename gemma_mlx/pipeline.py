@@ -16,6 +16,7 @@ that every rank can resume from its prefix cache.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -76,9 +77,6 @@ def plan(config, ranks: int, sizes: LayerBytes) -> list[tuple[int, int]]:
                          f"(the producers the drafter and the kv-shared layers read), which leaves {pin} layers for "
                          f"{ranks - 1} ranks")
 
-    def cost(r: int, a: int, e: int) -> int:
-        return held(sizes, r, ranks, a, e)
-
     best = {(0, 0): (0, [])}  # (ranks used, layers placed) -> (largest rank's bytes, ends)
     for r in range(ranks - 1):
         for a in range(r, pin + 1):
@@ -86,10 +84,11 @@ def plan(config, ranks: int, sizes: LayerBytes) -> list[tuple[int, int]]:
                 continue
             worst, ends = best[r, a]
             for e in range(a + 1, pin - (ranks - 2 - r) + 1):
-                option = (max(worst, cost(r, a, e)), ends + [e])
+                option = (max(worst, held(sizes, r, ranks, a, e)), ends + [e])
                 if (r + 1, e) not in best or option[0] < best[r + 1, e][0]:
                     best[r + 1, e] = option
-    worst, ends = min((max(w, cost(ranks - 1, a, n)), e) for (r, a), (w, e) in best.items() if r == ranks - 1)
+    last = ranks - 1
+    worst, ends = min((max(w, held(sizes, last, ranks, a, n)), e) for (r, a), (w, e) in best.items() if r == last)
     starts = [0] + ends
     return [(s, e) for s, e in zip(starts, ends + [n])]
 
@@ -150,11 +149,7 @@ class Split:
         `likes`: (shape, dtype) of each array."""
         if self.size == 1:
             return make()
-        if self.last:
-            arrays = make()
-            mx.eval(arrays)  # here, not inside the exchange: computed in the same graph as all_sum, it runs ~10x slower
-        else:
-            arrays = [mx.zeros(s, d) for s, d in likes]
+        arrays = make() if self.last else [mx.zeros(s, d) for s, d in likes]
         flat = mx.concatenate([a.astype(mx.int32).reshape(-1) for a in arrays])
         if self.pending is not None:
             flat = mx.depends(flat, self.pending)
@@ -208,15 +203,13 @@ class Split:
     def heartbeat(self):
         """Rank 0, while idle: a message that does nothing, so that a rank that died is noticed now, not at the next
         request."""
-        try:
+        with exit_on_lost_peer():
             self.announce({"op": "ping"})
-        except RuntimeError as e:
-            end_if_lost(e)
-            raise
 
     def next_message(self) -> dict:
         """Ranks > 0: what rank 0 announced."""
-        return json.loads(self._broadcast(b"").decode())
+        with exit_on_lost_peer():
+            return json.loads(self._broadcast(b"").decode())
 
     def _broadcast(self, data: bytes) -> bytes:
         n = self.from_leader(lambda: len(data))
@@ -228,7 +221,7 @@ def follow(split: Split, build: Callable[[dict], object]):
     """Ranks > 0: repeat rank 0's decoder operations until it quits. `build(setup)` makes a decoder as the leader's
     (decode.Decoder.setup)."""
     decoders = {}
-    while (message := _next_message(split))["op"] != "quit":
+    while (message := split.next_message())["op"] != "quit":
         if message["op"] == "ping":
             continue
         key = message["decoder"]
@@ -245,14 +238,6 @@ def follow(split: Split, build: Callable[[dict], object]):
             decoder.step()
         else:  # remove / cancel: a row by its place in the batch
             getattr(decoder, op)(decoder.rows[args["row"]])
-
-
-def _next_message(split: Split) -> dict:
-    try:
-        return split.next_message()
-    except RuntimeError as e:
-        end_if_lost(e)
-        raise
 
 
 # --- joining and leaving ---------------------------------------------------------------------------------------------
@@ -301,24 +286,25 @@ def lost(e: BaseException):
     os._exit(1)
 
 
-def end_if_lost(e: BaseException):
-    """`lost` if e says that a peer is gone."""
-    if is_lost_peer(e):
-        lost(e)
+@contextlib.contextmanager
+def exit_on_lost_peer(active: bool = True):
+    """A lost peer inside the block ends this process at once (`lost`), before any cleanup on the way out (a row
+    removed, a decoder closed) makes another exchange on the dead connection, where it would wait forever."""
+    try:
+        yield
+    except RuntimeError as e:
+        if active and is_lost_peer(e):
+            lost(e)
+        raise
 
 
 def ends_when_lost(operation):
-    """For a decoder's operations: a lost peer ends this process at once (`lost`), before the cleanup on the way out
-    (a row removed, a decoder closed) announces anything on the dead connection, where it would wait forever."""
+    """exit_on_lost_peer around a decoder's operation, when its target is split."""
 
     @functools.wraps(operation)
     def guarded(decoder, *args, **kwargs):
-        try:
+        with exit_on_lost_peer(decoder.split.size > 1):
             return operation(decoder, *args, **kwargs)
-        except RuntimeError as e:
-            if decoder.split.size > 1:
-                end_if_lost(e)
-            raise
 
     return guarded
 

@@ -1,12 +1,11 @@
 """A target split across processes (gemma_mlx/pipeline.py), launched as users launch it: `mlx.launch --backend ring
 -n N` over 127.0.0.1. Greedy MTP and batch output equal the transformers oracle's greedy (so the single process's),
-seeded sampling equals the single process's, each rank loads only its layers' weights, a dead rank ends the others with one line, and `info --hosts` shows the
-split before anything loads."""
+seeded sampling equals the single process's, each rank loads only its layers' weights, a dead rank ends the others
+with one line, and `info --hosts` shows the split before anything loads."""
 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 from oracle import hf_greedy
 from typer.testing import CliRunner
 
+from bench.pipeline import free_ports
 from gemma_mlx import _blas
 from gemma_mlx.cli import app
 from gemma_mlx.decode import Decoder
@@ -146,16 +146,6 @@ def test_ranks_of_one_host_share_its_cores(tmp_path, monkeypatch):
     assert _blas.local_ranks() == 1
     monkeypatch.delenv("MLX_RANK")
     assert _blas.local_ranks() == 1
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def start_ranks(command: list, tmp_path, join_seconds: float = 60, ranks: int = 2) -> list[subprocess.Popen]:

@@ -72,7 +72,8 @@ def user_errors(fn):
         except (UserError, LoadError, PairError, ConfigError, ConvertError, ValueError, FileNotFoundError) as e:
             fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
         except RuntimeError as e:
-            pipeline.end_if_lost(e)  # a pipeline rank that lost its peers while loading
+            if pipeline.launched() and pipeline.is_lost_peer(e):  # a pipeline rank that lost its peers (loading)
+                pipeline.lost(e)
             raise
 
     return wrapper
