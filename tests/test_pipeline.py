@@ -211,3 +211,19 @@ def test_a_rank_alone_gives_up_joining_with_one_line(mlx_dir, tmp_path):
     assert code != 0
     assert "error: rank 0: not every rank joined within 3 s" in stderr
     assert "Traceback" not in stderr
+
+
+def test_the_readme_python_example_runs_split(mlx_dir, tmp_path):
+    import re
+    import shutil
+
+    readme = (HERE.parent / "README.md").read_text()
+    code = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "pipeline.join()" in b)
+    (tmp_path / "script.py").write_text(code)
+    shutil.copytree(mlx_dir("e2blike"), tmp_path / "models" / "e2b")
+    shutil.copytree(mlx_dir("e2blike", ordered=True), tmp_path / "models" / "e2b-assistant")
+    alone = subprocess.run([sys.executable, "script.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    split = subprocess.run([LAUNCH, "--backend", "ring", "-n", "2", "--", sys.executable, "script.py"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=240)
+    assert alone.returncode == 0 and alone.stdout.strip(), alone.stderr[-2000:]
+    assert split.stdout == alone.stdout, split.stderr[-2000:]
