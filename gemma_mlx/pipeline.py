@@ -248,6 +248,11 @@ def launched() -> bool:
     return any(k in os.environ for k in ("MLX_RANK", "OMPI_COMM_WORLD_SIZE"))
 
 
+def launched_rank() -> str:
+    """This process's rank as mlx.launch (or mpirun) gave it, for messages written before or without a group."""
+    return os.environ.get("MLX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "?"))
+
+
 _WATCHDOG = ("import os, select, sys\n"
              "ready, _, _ = select.select([sys.stdin], [], [], float(sys.argv[1]))\n"
              "if not ready:\n"
@@ -260,9 +265,8 @@ def join(timeout: float = JOIN_SECONDS):
     interpreter, so a watchdog process ends it)."""
     if not launched():
         return None
-    rank = os.environ.get("MLX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "?"))
-    message = (f"error: rank {rank}: not every rank joined within {timeout:.0f} s (check that each host is reachable "
-               "at the addresses mlx.launch was given and runs the same command)")
+    message = (f"error: rank {launched_rank()}: not every rank joined within {timeout:.0f} s (check that each host is "
+               "reachable at the addresses mlx.launch was given and runs the same command)")
     watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(timeout), message, str(os.getpid())],
                                 stdin=subprocess.PIPE)
     try:
@@ -280,8 +284,7 @@ def lost(e: BaseException):
     """A rank died or its host became unreachable: one line, and this rank exits (its peers do the same when they
     notice; never a hang on a dead socket)."""
     reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-    rank = os.environ.get("MLX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "?"))
-    sys.stderr.write(f"error: rank {rank}: lost the other ranks of the pipeline ({reason}): exiting\n")
+    sys.stderr.write(f"error: rank {launched_rank()}: lost the other ranks of the pipeline ({reason}): exiting\n")
     sys.stderr.flush()
     os._exit(1)
 

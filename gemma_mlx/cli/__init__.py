@@ -68,13 +68,10 @@ def user_errors(fn):
         from .. import pipeline
 
         try:
-            return fn(*args, **kwargs)
+            with pipeline.exit_on_lost_peer(pipeline.launched()):  # a pipeline rank that lost its peers (loading)
+                return fn(*args, **kwargs)
         except (UserError, LoadError, PairError, ConfigError, ConvertError, ValueError, FileNotFoundError) as e:
             fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-        except RuntimeError as e:
-            if pipeline.launched() and pipeline.is_lost_peer(e):  # a pipeline rank that lost its peers (loading)
-                pipeline.lost(e)
-            raise
 
     return wrapper
 
