@@ -2,6 +2,8 @@
 templates x topics, shuffled with a fixed seed; none shares a word 5-gram with gemma_mlx/demo_prompts.json.
 
     python -m bench.distill_prompts OUT.txt     # then: gemma-mlx distill --prompts OUT.txt ...
+    python -m bench.distill_prompts OUT.txt 2   # set 2: the template x topic pairs set 1 left out, and new functions
+                                                # (for gemma-mlx distill --init DRAFTER: new text, not set 1's again)
 """
 import json
 import random
@@ -53,19 +55,33 @@ code = ['def {n}(', 'def {n}(items):\n    """', '# Python: {h}\ndef {n}(', 'clas
         'def {n}(text):\n    ', 'def test_{n}():\n    assert', 'for item in items:\n    # {h}\n', 'def {n}(a, b):\n    """Return']
 chat_code = ["Write a Python function called {n}.", "How do I write {h} in Python?", "Explain what this code does: def {n}(x): pass",
              "Write a JavaScript function for {h}.", "Show me a Python example of {h}."]
+names2 = """word_count|sort_by_key|filter_even|square_all|find_index|last_item|count_lines|split_words|join_paths|
+file_size|to_upper|strip_spaces|is_even|is_sorted|swap_pairs|zip_lists|cumulative_sum|product_of_list|min_max|
+normalize|mean_squared_error|softmax|sigmoid|relu|matrix_transpose|identity_matrix|parse_date|format_time|
+seconds_to_hours|hex_to_rgb|rgb_to_hex|caesar_cipher|encode_base64|hash_password|random_password|shuffle_list|
+sample_items|weighted_choice|top_k|most_common|histogram|percentile|variance|standard_deviation|is_power_of_two|
+count_bits|reverse_words|title_case|remove_punctuation|is_numeric|parse_int|safe_get|merge_dicts|flatten_dict|
+sort_dict|filter_dict|dict_to_list|list_to_dict|queue_push|stack_pop""".replace("\n", "").split("|")
+SET = int(sys.argv[2]) if len(sys.argv) > 2 else 1
 rng = random.Random(0)
 out = set()
+other = random.Random(2)
 for t in topics:
-    for tpl in rng.sample(prose, 5):
+    chosen_prose = rng.sample(prose, 5)
+    chosen_chat = [(tpl, rng.choice(topics)) for tpl in rng.sample(chat, 6)]
+    if SET == 2:  # the pairs set 1 left out
+        chosen_prose = [x for x in prose if x not in chosen_prose]
+        chosen_chat = [(x, other.choice(topics)) for x in chat if x not in dict(chosen_chat)]
+    for tpl in chosen_prose:
         out.add(tpl.format(t=t, T=t[0].upper() + t[1:]))
-    for tpl in rng.sample(chat, 6):
-        out.add(tpl.format(t=t, u=rng.choice(topics)))
-for n in names:
+    for tpl, u in chosen_chat:
+        out.add(tpl.format(t=t, u=u))
+for n in (names if SET == 1 else names2):
     h = n.replace("_", " ")
     C = "".join(w.capitalize() for w in n.split("_"))
     for tpl in code:
         out.add(tpl.format(n=n, h=h, C=C))
-    for tpl in rng.sample(chat_code, 3):
+    for tpl in (rng.sample(chat_code, 3) if SET == 1 else chat_code):
         out.add(tpl.format(n=n, h=h))
 demo = json.loads((Path(__file__).resolve().parent.parent / "gemma_mlx" / "demo_prompts.json").read_text())
 def grams(s, n=5):

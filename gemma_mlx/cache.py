@@ -124,16 +124,14 @@ class LayerCache:
             out.keys, out.values = self.keys[i : i + 1, :, :size], self.values[i : i + 1, :, :size]
         return out
 
-    def extend_rows(self, other: "LayerCache"):
-        """Append the rows of another cache (a prefilled row joining the batch); linear buffers are padded to a
-        common size (the padding is never attended: masks come from positions)."""
-        if self.keys is None:
-            self.keys, self.values, self.lengths = other.keys, other.values, other.lengths.copy()
-            return
-        size = max(self.keys.shape[2], other.keys.shape[2])
-        self.keys = mx.concatenate([_pad_slots(self.keys, size), _pad_slots(other.keys, size)])
-        self.values = mx.concatenate([_pad_slots(self.values, size), _pad_slots(other.values, size)])
-        self.lengths = np.concatenate([self.lengths, other.lengths])
+    def extend_rows(self, others: list["LayerCache"]):
+        """Append the rows of other caches (prefilled rows joining the batch) in one copy; linear buffers are padded
+        to a common size (the padding is never attended: masks come from positions)."""
+        parts = ([self] if self.keys is not None else []) + list(others)
+        size = max(c.keys.shape[2] for c in parts)
+        self.keys = mx.concatenate([_pad_slots(c.keys, size) for c in parts])
+        self.values = mx.concatenate([_pad_slots(c.values, size) for c in parts])
+        self.lengths = np.concatenate([c.lengths for c in parts])
 
     def _reserve(self, keys: mx.array, values: mx.array, needed: int):
         B, kv, _, _ = keys.shape
@@ -315,9 +313,9 @@ class TargetCache:
         for c in self.layers:
             c.take_rows(rows)
 
-    def extend_rows(self, other: "TargetCache"):
-        for c, o in zip(self.layers, other.layers):
-            c.extend_rows(o)
+    def extend_rows(self, others: list["TargetCache"]):
+        for i, c in enumerate(self.layers):
+            c.extend_rows([o.layers[i] for o in others])
 
     def row(self, i: int) -> "TargetCache":
         """A batch-1 copy of row i (new arrays: a snapshot the batch's later writes do not touch)."""

@@ -72,6 +72,7 @@ class Decoder:
             raise ValueError("draft tokens requested but no drafter is loaded")
         self.tokenizer, self.chunk, self.prefix_cache = tokenizer, chunk, prefix_cache
         self.cache = target.make_cache(batch=0, chunk=chunk)
+        self.joining = []  # caches of rows added since the last round, merged into `cache` together (_join)
         self.rows: list[Row] = []  # the rows in the batch, in cache-row order
         self.finished: list[Row] = []  # rows finished since the last step (a row can finish at its first token)
         self.x = self.g = None  # per row: last emitted token [B, 1], target hidden before it [B, 1, H]
@@ -124,7 +125,7 @@ class Decoder:
             if self.prefix_cache is not None:
                 self._keep_cache(row, row.prompt, cache)
             return row
-        self.cache.extend_rows(cache)
+        self.joining.append(cache)
         self.x = first if self.x is None else mx.concatenate([self.x, first])
         self.g = hidden if self.g is None else mx.concatenate([self.g, hidden])
         self.rows.append(row)
@@ -136,6 +137,7 @@ class Decoder:
         """One round for every row; returns the rows that finished since the last step (they have left the batch)."""
         if self.rows:
             self._announce("step")
+            self._join()
             self._round()
         done, self.finished = self.finished, []
         return done
@@ -226,9 +228,17 @@ class Decoder:
         row.stats.generated_tokens = len(row.tokens)
         return done
 
+    def _join(self):
+        """Merge the caches of the rows added since the last round into the batch cache in one copy (merging them
+        one by one would copy the whole batch once per row)."""
+        if self.joining:
+            self.cache.extend_rows(self.joining)
+            self.joining = []
+
     def _keep(self, keep: list[int]):
         if len(keep) == len(self.rows):
             return
+        self._join()
         if self.prefix_cache is not None:
             for i in sorted(set(range(len(self.rows))) - set(keep)):
                 self._keep_prefix(self.rows[i], i)

@@ -187,14 +187,20 @@ def test_padded_and_rejected_slots_are_never_attended(pair, hf_dir):
 def test_cache_row_operations():
     cfg = TextConfig.from_dict(dict(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"],
                                     sliding_window=4, hidden_size_per_layer_input=0))
-    cache = cache_for(cfg, batch=0, chunk=4)
+    cache, together = cache_for(cfg, batch=0, chunk=4), cache_for(cfg, batch=0, chunk=4)
+    rows = []
     for n in (3, 300, 9):
         one = cache_for(cfg, batch=1, chunk=4)
         for layer in one.layers:
             for s in range(0, n, 4):
                 t = min(4, n - s)
                 layer.write(mx.full((1, 1, t, 2), float(n)), mx.full((1, 1, t, 2), float(-n)))
-        cache.extend_rows(one)
+        cache.extend_rows([one])
+        rows.append(one)
+    together.extend_rows(rows[:1])
+    together.extend_rows(rows[1:])  # rows joining a batch together: one copy, the same cache
+    for a, b in zip(cache.layers, together.layers):
+        assert (a.lengths == b.lengths).all() and mx.array_equal(a.keys, b.keys) and mx.array_equal(a.values, b.values)
     ring, full = cache.layers
     assert cache.lengths.tolist() == [3, 300, 9] and ring.keys.shape[2] == 8 and full.keys.shape[2] == 512
     assert (full.positions()[0, 3:] == -1).all() and (full.positions()[2] == np.r_[0:9, [-1] * 291]).all()

@@ -173,6 +173,26 @@ def test_training_raises_held_out_acceptance(which, request):
     assert result["same_output_before_after"]  # both are lossless speculative runs of the same prompts
 
 
+def test_init_fine_tunes_an_existing_drafter(gemma4, tmp_path):
+    """--init starts from a trained drafter (the gemma4 fixture's, quantized to 8 bits as a shipped drafter may be):
+    its architecture is kept without --layers / --hidden-size, the figure before training is that drafter's (not a
+    new one's), and the fine-tuned drafter is saved, converts and drafts losslessly."""
+    target, trained_dir, trained = gemma4
+    start = converted(trained_dir, tmp_path, quantize=8, group_size=32)
+    out = tmp_path / "tuned"
+    result = D.distill(D.Options(target=str(target), out=str(out), init=str(start), steps=5,
+                                 **{k: v for k, v in TINY.items() if k not in ("layers", "hidden_size", "num_centroids")}))
+    assert result["before"]["tokens_per_round"] > trained["before"]["tokens_per_round"] + 0.5, result["before"]
+    assert result["after"]["tokens_per_round"] > trained["before"]["tokens_per_round"] + 0.5, result["after"]
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization" not in config and config["text_config"]["num_hidden_layers"] == TINY["layers"]
+    assert config["text_config"]["hidden_size"] == TINY["hidden_size"]
+    engine = gemma_mlx.load(str(target), drafter=str(converted(out, tmp_path / "c")))
+    plain = gemma_mlx.generate(engine, "one two three", max_tokens=16, draft_tokens=0)
+    spec = gemma_mlx.generate(engine, "one two three", max_tokens=16, draft_tokens=K, reuse_cache=False)
+    assert spec.tokens == plain.tokens and spec.stats.drafted_tokens > 0
+
+
 def test_transformers_runs_the_saved_checkpoint_with_our_logits(gemma4, hf_dir, tmp_path):
     """Gemma4AssistantForCausalLM (patched, tests/oracle.py) reads the saved dir; one drafter call on the target's
     shared K/V gives our converted drafter's logits (§2.3–2.5; unselected tokens = min(selected) − 1)."""
@@ -226,6 +246,25 @@ def test_training_forward_is_the_runtime_drafters_computation(mlx_target):
         drafts = drafter.draft(target, mx.array([[seq[p]]]), batch.hidden[:, p - 1 : p], cache, K)[0].tolist()
         chained = D.drafter_steps(drafter, target, D.teacher_force(target, [seq[: p + 1] + drafts[:-1]]), K)
         assert [int(drafter.greedy(h[:, p - 1])[0]) for h in chained] == drafts, f"start {p}"
+
+
+def test_teacher_forcing_takes_a_greedy_continuations_labels_from_its_tokens(mlx_target, monkeypatch):
+    """A greedy continuation's tokens are the target's argmax, so teacher forcing reads its labels from them and runs
+    the head only at the prompt's positions and the last: the same labels as the head everywhere."""
+    from gemma_mlx.decode import generate_tokens
+
+    target = mlx_target("plain-calm")
+    prompts = [[2, 17, 301, 44, 9], [2, 88, 5, 123, 7, 64, 250, 11, 3]]
+    seqs = [p + [t for new, _ in generate_tokens(target, None, p, max_tokens=14) for t in new] for p in prompts]
+    everywhere = D.teacher_force(target, seqs)
+    rows = []
+    real = D.data.head_argmax
+    monkeypatch.setattr(D.data, "head_argmax", lambda t, h, r: rows.append(len(r)) or real(t, h, r))
+    greedy = D.teacher_force(target, seqs, greedy_from=[len(p) for p in prompts])
+    for b, s in enumerate(seqs):
+        assert np.array(greedy.labels[b, : len(s)]).tolist() == np.array(everywhere.labels[b, : len(s)]).tolist()
+    assert rows == [sum(len(p) for p in prompts)]  # the prompt's positions but the last, and each sequence's last
+    np.testing.assert_array_equal(np.array(greedy.hidden), np.array(everywhere.hidden))
 
 
 def test_training_masks_are_the_runtime_masks():
@@ -348,6 +387,9 @@ def test_bad_input_is_one_line(mlx_dir, tmp_path):
     one_line_error(runner.invoke(app, base + ["--time-budget", "-1"]), "--time-budget must be > 0")
     one_line_error(runner.invoke(app, base + ["--prompts", str(tmp_path / "none.txt")]), "no such prompts file")
     one_line_error(runner.invoke(app, base + ["--resume"]), "--resume: no checkpoint")
+    one_line_error(runner.invoke(app, base + ["--init", str(tmp_path / "none")]), "--init: ")
+    one_line_error(runner.invoke(app, base + ["--init", target, "--layers", "2"]), "--init keeps that drafter's")
+    one_line_error(runner.invoke(app, base + ["--init", target]), "--init: ")
     one_line_error(runner.invoke(app, ["distill", "--target", target, "--out", str(tmp_path)]), "already exists")
     drafter = str(mlx_dir("plain", ordered=True))
     one_line_error(runner.invoke(app, ["distill", "--target", drafter, "--out", str(tmp_path / "e")]),

@@ -49,6 +49,10 @@ class DistillProgress:
 def distill(
     target: str = typer.Option(..., "--target", "-t", help="Target model dir or hub id (Gemma 4 or Gemma 3 text)."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Where to write the drafter (Hugging Face layout)."),
+    init: Optional[str] = typer.Option(None, "--init", help="Start from this drafter (a dir or hub id, e.g. the "
+                                       "target's released assistant or an earlier distill's output) and fine-tune it "
+                                       "on your prompts and corpus; its architecture is kept \\[default: a new "
+                                       "drafter]."),
     layers: Optional[int] = typer.Option(None, "--layers", help="Drafter layers \\[default: 4]."),
     hidden_size: Optional[int] = typer.Option(None, "--hidden-size", help="Drafter hidden size d \\[default: 256]."),
     num_centroids: Optional[int] = typer.Option(None, "--num-centroids", help="Centroid-head groups; must divide "
@@ -73,14 +77,14 @@ def distill(
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in OUT.work."),
     force: bool = typer.Option(False, "--force", help="Replace OUT (and an earlier run's checkpoint)."),
 ):
-    """Train an MTP drafter (gemma4_assistant) for a target that has none, saved in Hugging Face layout for
-    `gemma-mlx convert`; prints held-out acceptance per draft position.
+    """Train an MTP drafter (gemma4_assistant) for a target that has none, or fine-tune one on your text (--init),
+    saved in Hugging Face layout for `gemma-mlx convert`; prints held-out acceptance per draft position.
 
     Example: gemma-mlx distill --target models/gemma3-270m --out models/gemma3-270m-drafter-hf --corpus ~/texts
     --time-budget 120"""
     from ..distill import Options, prepare, train
 
-    opts = Options(target=target, out=str(out_dir), layers=layers, hidden_size=hidden_size,
+    opts = Options(target=target, out=str(out_dir), init=init, layers=layers, hidden_size=hidden_size,
                    num_centroids=num_centroids, steps=steps, time_budget=time_budget, draft_steps=draft_steps,
                    prompts=None if prompts is None else str(prompts), samples=samples,
                    corpus=[str(c) for c in corpus] if corpus else None, corpus_tokens=corpus_tokens,

@@ -45,20 +45,39 @@ class Batch:
         return int(self.lengths.sum())
 
 
-def teacher_force(target, seqs: list[list[int]]) -> Batch:
-    """One target forward over the sequences (padded with 0 at the end)."""
+def teacher_force(target, seqs: list[list[int]], greedy_from: list[int] | None = None) -> Batch:
+    """One target forward over the sequences (padded with 0 at the end). `greedy_from`: where each sequence's greedy
+    continuation starts (its prompt length). Greedy decoding emitted the target's argmax, so from the position before
+    it on a label is the sequence's next token, and the 262k-row head runs only at the other positions (the prompt's,
+    and the last)."""
     N = max(map(len, seqs))
     tokens = mx.array([s + [0] * (N - len(s)) for s in seqs], dtype=mx.int32)
     cache = target.make_cache(len(seqs), chunk=N)  # rings of W + N slots: positions 0…N−1 sit in slots 0…N−1
     hidden = target.model(tokens, cache)
-    labels = mx.concatenate([mx.argmax(target.logits(hidden[b : b + 1]), axis=-1) for b in range(len(seqs))])
+    labels = np.zeros((len(seqs), N), np.int32)
+    unknown = np.zeros((len(seqs), N), bool)
+    for b, s in enumerate(seqs):
+        unknown[b, : len(s)] = True
+        if greedy_from is not None:
+            start = max(greedy_from[b] - 1, 0)
+            labels[b, start : len(s) - 1] = s[start + 1 :]
+            unknown[b, start : len(s) - 1] = False
+    labels[unknown] = head_argmax(target, hidden.reshape(-1, hidden.shape[-1]), np.nonzero(unknown.reshape(-1))[0])
     kv = {}
     for t in sorted(set(target.config.layer_types)):
         k, v = cache.producer(t).view()
         kv[t] = (k[..., :N, :], v[..., :N, :])
-    batch = Batch(tokens, mx.array([len(s) for s in seqs], dtype=mx.int32), labels.astype(mx.int32), hidden, kv)
+    batch = Batch(tokens, mx.array([len(s) for s in seqs], dtype=mx.int32), mx.array(labels), hidden, kv)
     mx.eval(batch.arrays())
     return batch
+
+
+def head_argmax(target, hidden: mx.array, rows: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """The target's argmax token at these rows of hidden [P, H], a chunk of rows at a time (each chunk's logits are
+    chunk × V floats)."""
+    out = [mx.argmax(target.logits(hidden[mx.array(rows[i : i + chunk].astype(np.int32))][None]), axis=-1)[0]
+           for i in range(0, len(rows), chunk)]
+    return np.concatenate([np.array(o) for o in out]) if out else np.zeros(0, np.int32)
 
 
 def encode_prompts(engine, prompts: list[str], chat: bool = True) -> list[list[int]]:
@@ -105,15 +124,16 @@ def generation_picks(n_prompts: int, b: int, size: int, seed: int) -> tuple[list
 
 
 def generate_batch_sequences(engine, prompt_ids: list[list[int]], b: int, size: int, max_new: int,
-                             seed: int) -> list[list[int]]:
-    """Generation batch b: `size` prompts continued by the target (`generation_picks`)."""
+                             seed: int) -> list[tuple[list[int], int | None]]:
+    """Generation batch b: `size` prompts continued by the target (`generation_picks`), as (sequence, where its
+    greedy continuation starts; None when sampled)."""
     from ..generate import generate_batch
 
     idx, temp = generation_picks(len(prompt_ids), b, size, seed)
     picks = [prompt_ids[i] for i in idx]
     results = generate_batch(engine, picks, max_tokens=max_new, temperature=temp, top_p=0.95, draft_tokens=0,
                              seed=[(seed * 100_003 + b) * 1_000 + i for i in range(len(picks))])
-    return [p + r.tokens for p, r in zip(picks, results)]
+    return [(p + r.tokens, len(p) if temp == 0 else None) for p, r in zip(picks, results)]
 
 
 def shard_paths(work: Path, state: dict) -> list[Path]:
@@ -164,11 +184,13 @@ def collect_generated(run: Prepared, work: Path, state: dict, deadline, report: 
         b, t1 = state["gen_batches"], time.perf_counter()
         seqs = generate_batch_sequences(engine, prompt_ids, b, min(gen_size, opts.samples - b * gen_size),
                                         opts.max_new_tokens, opts.seed)
-        seqs.sort(key=len)  # similar lengths share a training batch: little padding
+        seqs.sort(key=lambda s: len(s[0]))  # similar lengths share a training batch: little padding
         for s in range(0, len(seqs), opts.batch_size):
-            save_shard(work, state, teacher_force(engine.target, seqs[s : s + opts.batch_size]))
+            part = seqs[s : s + opts.batch_size]
+            greedy = None if any(g is None for _, g in part) else [g for _, g in part]
+            save_shard(work, state, teacher_force(engine.target, [q for q, _ in part], greedy))
         state["gen_batches"] += 1
-        state["gen_positions"] = state.get("gen_positions", 0) + sum(map(len, seqs))
+        state["gen_positions"] = state.get("gen_positions", 0) + sum(len(q) for q, _ in seqs)
         state["gen_seconds"] = state.get("gen_seconds", 0.0) + time.perf_counter() - t1
         _write_json(work / "state.json", state)
         report.advance(1, tokens=state["data_positions"])

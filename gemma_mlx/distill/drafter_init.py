@@ -1,10 +1,12 @@
-"""Step 1: a new drafter whose tied table and centroid head start from the target's own embedding (docs/design.md)."""
+"""Step 1: a new drafter whose tied table and centroid head start from the target's own embedding (docs/design.md),
+or an existing drafter to fine-tune (--init)."""
 
 from __future__ import annotations
 
 import math
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 from ..models.base import FULL, SLIDING
@@ -75,6 +77,27 @@ def new_drafter(target, raw: dict, seed: int, report: Reporter) -> Drafter:
     drafter.masked_embedding.token_ordering = mx.array(np.argsort(assign, kind="stable").astype(np.int32))
     mx.eval(drafter.parameters())
     return drafter
+
+
+def existing_drafter(source: str, target) -> tuple[Drafter, dict]:
+    """--init: the drafter to start from (a dir or hub id, MLX or Hugging Face), in float32 for training, and its
+    Hugging Face config.json (without MLX's quantization entries: what distill saves is float32)."""
+    from mlx_lm.utils import dequantize_model
+
+    from ..loader import LoadError, load_drafter, read_config, resolve
+
+    try:
+        drafter = load_drafter(source, target, progress=False)
+        raw = read_config(resolve(source, progress=False))
+    except (LoadError, PairError) as e:
+        raise DistillError(f"--init: {e}") from None
+    if any(isinstance(m, nn.QuantizedLinear) for _, m in drafter.named_modules()):
+        dequantize_model(drafter)
+    drafter.set_dtype(mx.float32)
+    drafter.masked_embedding.token_ordering = drafter.masked_embedding.token_ordering.astype(mx.int32)
+    mx.eval(drafter.parameters())
+    raw = {k: v for k, v in raw.items() if k not in ("quantization", "quantization_config")}
+    return drafter, dict(raw, dtype="float32")
 
 
 def project_embeddings(target, d: int, seed: int) -> np.ndarray:

@@ -37,6 +37,7 @@ class Options:
 
     target: str
     out: str
+    init: Optional[str] = None  # a drafter to start from (fine-tune it, keeping its architecture) instead of a new one
     layers: Optional[int] = None  # default 4: [sliding, sliding, sliding, full] as the real drafters
     hidden_size: Optional[int] = None  # d, default 256
     num_centroids: Optional[int] = None  # C, default V/128 (2048 for Gemma's 262144)
@@ -57,7 +58,7 @@ class Options:
     resume: bool = False
     force: bool = False
 
-    ARCH = ("layers", "hidden_size", "num_centroids", "draft_steps", "max_new_tokens", "seed")
+    ARCH = ("init", "layers", "hidden_size", "num_centroids", "draft_steps", "max_new_tokens", "seed")
     DEFAULTS = dict(layers=4, hidden_size=256, draft_steps=4, samples=256, max_new_tokens=128, seed=0,
                     corpus_tokens=300_000)
 
@@ -116,6 +117,10 @@ def check_options(opts: Options):
         raise DistillError(f"--draft-steps must be between 1 and 8, got {opts.draft_steps}")
     if opts.time_budget is not None and opts.time_budget <= 0:
         raise DistillError(f"--time-budget must be > 0 minutes, got {opts.time_budget}")
+    if opts.init is not None and not opts.resume:
+        given = [n for n in ("layers", "hidden_size", "num_centroids") if getattr(opts, n) is not None]
+        if given:
+            raise DistillError(f"--init keeps that drafter's architecture: drop --{given[0].replace('_', '-')}")
     if opts.hidden_size is not None and opts.hidden_size % 2:
         raise DistillError(f"--hidden-size must be even, got {opts.hidden_size}")
 
@@ -156,6 +161,7 @@ class Prepared:
     eval_prompts: list
     documents: list  # the corpus's documents ([] without --corpus)
     started: float
+    start: object = None  # the --init drafter (None: a new one)
 
     @functools.cached_property
     def windows(self) -> list[list[int]]:

@@ -19,7 +19,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .. import corpus as corpus_text
 from ..models.gemma4_assistant import Drafter, DrafterConfig
 from .data import Batch, collect_data, held_out_prompts
-from .drafter_init import default_centroids, drafter_config, new_drafter
+from .drafter_init import default_centroids, drafter_config, existing_drafter, new_drafter
 from .loss import Head, loss_fn
 from .options import (DistillError, Options, Prepared, Reporter, _save_arrays, _write_json, check_options,
                       read_prompts, resolve_options, work_dir)
@@ -95,16 +95,19 @@ def prepare(opts: Options) -> Prepared:
     train_prompts, eval_prompts = read_prompts(opts)
     opts = resolve_options(opts, work_dir(out))
     engine = gemma_mlx.load(opts.target, dtype="fp32", progress=False)
-    vocab = engine.target.config.vocab_size
-    num_centroids = opts.num_centroids or default_centroids(vocab)
-    if vocab % num_centroids:
-        raise DistillError(f"--num-centroids {num_centroids} does not divide the vocabulary size {vocab}")
-    raw = drafter_config(engine.target.config, opts, num_centroids)
+    start, raw = existing_drafter(opts.init, engine.target) if opts.init else (None, None)
+    if raw is None:
+        vocab = engine.target.config.vocab_size
+        num_centroids = opts.num_centroids or default_centroids(vocab)
+        if vocab % num_centroids:
+            raise DistillError(f"--num-centroids {num_centroids} does not divide the vocabulary size {vocab}")
+        raw = drafter_config(engine.target.config, opts, num_centroids)
+    opts.layers, opts.hidden_size = raw["text_config"]["num_hidden_layers"], raw["text_config"]["hidden_size"]
     try:
         documents = corpus_text.documents(opts.corpus) if opts.corpus else []
     except corpus_text.CorpusError as e:
         raise DistillError(str(e)) from None
-    return Prepared(opts, out, engine, raw, train_prompts, eval_prompts, documents, started)
+    return Prepared(opts, out, engine, raw, train_prompts, eval_prompts, documents, started, start)
 
 
 def distill(opts: Options, report: Reporter = Reporter()) -> dict:
@@ -161,7 +164,7 @@ def init_or_resume(run: Prepared, work: Path, report: Reporter) -> tuple[Drafter
         shutil.rmtree(work)
     (work / "data").mkdir(parents=True)
     mx.random.seed(run.opts.seed)
-    drafter = new_drafter(run.engine.target, run.raw, run.opts.seed, report)
+    drafter = run.start if run.start is not None else new_drafter(run.engine.target, run.raw, run.opts.seed, report)
     state = dict(step=0, data_batches=0, data_positions=0, gen_batches=0, data_done=False, train_seconds=0.0,
                  baseline=None)
     _write_json(work / "options.json", {**asdict(run.opts), "num_centroids": run.raw["num_centroids"]})
