@@ -62,35 +62,44 @@ seconds_to_hours|hex_to_rgb|rgb_to_hex|caesar_cipher|encode_base64|hash_password
 sample_items|weighted_choice|top_k|most_common|histogram|percentile|variance|standard_deviation|is_power_of_two|
 count_bits|reverse_words|title_case|remove_punctuation|is_numeric|parse_int|safe_get|merge_dicts|flatten_dict|
 sort_dict|filter_dict|dict_to_list|list_to_dict|queue_push|stack_pop""".replace("\n", "").split("|")
-SET = int(sys.argv[2]) if len(sys.argv) > 2 else 1
-rng = random.Random(0)
-out = set()
-other = random.Random(2)
-for t in topics:
-    chosen_prose = rng.sample(prose, 5)
-    chosen_chat = [(tpl, rng.choice(topics)) for tpl in rng.sample(chat, 6)]
-    if SET == 2:  # the pairs set 1 left out
-        chosen_prose = [x for x in prose if x not in chosen_prose]
-        chosen_chat = [(x, other.choice(topics)) for x in chat if x not in dict(chosen_chat)]
-    for tpl in chosen_prose:
-        out.add(tpl.format(t=t, T=t[0].upper() + t[1:]))
-    for tpl, u in chosen_chat:
-        out.add(tpl.format(t=t, u=u))
-for n in (names if SET == 1 else names2):
-    h = n.replace("_", " ")
-    C = "".join(w.capitalize() for w in n.split("_"))
-    for tpl in code:
-        out.add(tpl.format(n=n, h=h, C=C))
-    for tpl in (rng.sample(chat_code, 3) if SET == 1 else chat_code):
-        out.add(tpl.format(n=n, h=h))
-demo = json.loads((Path(__file__).resolve().parent.parent / "gemma_mlx" / "demo_prompts.json").read_text())
+
+
 def grams(s, n=5):
-    w = re.findall(r"\w+", s.lower()); return {tuple(w[i:i+n]) for i in range(len(w) - n + 1)}
-demo_grams = set().union(*(grams(x) for v in demo.values() for _, x in v))
-out = [p for p in sorted(out) if not grams(p) & demo_grams]
-rng.shuffle(out)
-PROMPTS = out
+    w = re.findall(r"\w+", s.lower())
+    return {tuple(w[i : i + n]) for i in range(len(w) - n + 1)}
+
+
+def prompts(which: int = 1) -> list[str]:
+    """Set 1 (what the demo drafter was first distilled on) or set 2 (the template x topic pairs set 1 left out, every
+    code-chat template, other function names), shuffled with a fixed seed, without the demo prompts' 5-grams."""
+    rng, other, out = random.Random(0), random.Random(2), set()
+    for t in topics:
+        chosen_prose = rng.sample(prose, 5)
+        chosen_chat = [(tpl, rng.choice(topics)) for tpl in rng.sample(chat, 6)]
+        if which == 2:
+            chosen_prose = [x for x in prose if x not in chosen_prose]
+            chosen_chat = [(x, other.choice(topics)) for x in chat if x not in dict(chosen_chat)]
+        for tpl in chosen_prose:
+            out.add(tpl.format(t=t, T=t[0].upper() + t[1:]))
+        for tpl, u in chosen_chat:
+            out.add(tpl.format(t=t, u=u))
+    for n in names if which == 1 else names2:
+        h = n.replace("_", " ")
+        C = "".join(w.capitalize() for w in n.split("_"))
+        for tpl in code:
+            out.add(tpl.format(n=n, h=h, C=C))
+        for tpl in rng.sample(chat_code, 3) if which == 1 else chat_code:
+            out.add(tpl.format(n=n, h=h))
+    demo = json.loads((Path(__file__).resolve().parent.parent / "gemma_mlx" / "demo_prompts.json").read_text())
+    demo_grams = set().union(*(grams(x) for v in demo.values() for _, x in v))
+    out = [p for p in sorted(out) if not grams(p) & demo_grams]
+    rng.shuffle(out)
+    return out
+
+
+PROMPTS = prompts(1) + prompts(2)  # every prompt the demo drafter was distilled on
 
 if __name__ == "__main__":
+    out = prompts(int(sys.argv[2]) if len(sys.argv) > 2 else 1)
     Path(sys.argv[1]).write_text("\n".join(p.replace("\n", "\\n") for p in out) + "\n")
     print(f"{len(out)} prompts")
