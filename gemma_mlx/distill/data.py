@@ -193,7 +193,7 @@ def collect_generated(run: Prepared, work: Path, state: dict, deadline, report: 
         state["gen_positions"] = state.get("gen_positions", 0) + sum(len(q) for q, _ in seqs)
         state["gen_seconds"] = state.get("gen_seconds", 0.0) + time.perf_counter() - t1
         _write_json(work / "state.json", state)
-        report.advance(1, tokens=state["data_positions"])
+        report.advance(1, tokens=state["data_positions"], tokens_per_s=state["gen_positions"] / state["gen_seconds"])
 
 
 def collect_corpus(run: Prepared, work: Path, state: dict, deadline, report: Reporter):
