@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
 from ..models.base import FULL, SLIDING
@@ -91,10 +90,8 @@ def existing_drafter(source: str, target) -> tuple[Drafter, dict]:
         raw = read_config(resolve(source, progress=False))
     except (LoadError, PairError) as e:
         raise DistillError(f"--init: {e}") from None
-    if any(isinstance(m, nn.QuantizedLinear) for _, m in drafter.named_modules()):
-        dequantize_model(drafter)
+    dequantize_model(drafter)  # load_drafter keeps a quantized drafter quantized on Metal: training needs floats
     drafter.set_dtype(mx.float32)
-    drafter.masked_embedding.token_ordering = drafter.masked_embedding.token_ordering.astype(mx.int32)
     mx.eval(drafter.parameters())
     raw = {k: v for k, v in raw.items() if k not in ("quantization", "quantization_config")}
     return drafter, dict(raw, dtype="float32")
