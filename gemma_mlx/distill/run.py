@@ -95,9 +95,10 @@ def prepare(opts: Options) -> Prepared:
     train_prompts, eval_prompts = read_prompts(opts)
     opts = resolve_options(opts, work_dir(out))
     engine = gemma_mlx.load(opts.target, dtype="fp32", progress=False)
-    start, raw = existing_drafter(opts.init, engine.target) if opts.init else (None, None)
-    if raw is None:
-        vocab = engine.target.config.vocab_size
+    if opts.init:
+        start, raw = existing_drafter(opts.init, engine.target)
+    else:
+        start, vocab = None, engine.target.config.vocab_size
         num_centroids = opts.num_centroids or default_centroids(vocab)
         if vocab % num_centroids:
             raise DistillError(f"--num-centroids {num_centroids} does not divide the vocabulary size {vocab}")
