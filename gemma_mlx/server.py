@@ -225,7 +225,11 @@ def read_job(body: dict, engine: Engine, chat: bool) -> Job:
     if len(prompt) + max_tokens > context:
         raise BadRequest(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the context "
                          f"({context} tokens)", param="messages" if chat else "prompt", code="context_length_exceeded")
-    params = SamplingParams(number(body, "temperature", 1.0, 0, 2), number(body, "top_p", 1.0, 0, 1, open_low=True))
+    top_k = body.get("top_k", 0)
+    if not is_int(top_k) or top_k < 0:
+        raise BadRequest(f"top_k must be an integer >= 0 (0 = all tokens), got {top_k!r}", param="top_k")
+    params = SamplingParams(number(body, "temperature", 1.0, 0, 2), number(body, "top_p", 1.0, 0, 1, open_low=True),
+                            top_k, number(body, "min_p", 0.0, 0, 1))
     seed = body.get("seed")
     if seed is not None and not is_int(seed):
         raise BadRequest("seed must be an integer", param="seed")

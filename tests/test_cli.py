@@ -57,12 +57,26 @@ def test_mismatched_pair_is_refused(tiny):
     (["--max-tokens", "-3"], "--max-tokens must be >= 1"),
     (["--temp", "-1"], "--temp must be >= 0"),
     (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--top-k", "-2"], "--top-k must be >= 0"),
     (["--draft-tokens", "foo"], "--draft-tokens must be a number"),
     (["--draft-tokens", "12"], "between 0 and 8"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
 ])
 def test_bad_flag_values(tiny, args, pattern):
     one_line_error(runner.invoke(app, ["generate", "-m", str(tiny / "tiny"), "-p", "hi", *args]), pattern)
+
+
+def test_top_k_reaches_the_sampler(tiny):
+    """--top-k 1 leaves only the most likely token: sampling at a high temperature gives the greedy text."""
+    def tokens(*args):
+        result = runner.invoke(app, ["generate", "-m", str(tiny / "tiny"), "-p", "hi", "--max-tokens", "12", "--json",
+                                     *args])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout.strip().splitlines()[-1])["tokens"]
+
+    greedy = tokens()
+    assert tokens("--temp", "1.5", "--top-k", "1", "--seed", "4") == greedy
+    assert tokens("--temp", "1.5", "--seed", "4") != greedy
 
 
 def test_prompt_and_prompts_file_are_exclusive(tiny, tmp_path):

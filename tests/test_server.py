@@ -90,6 +90,14 @@ def test_seeded_requests_share_the_batch_and_sample_what_they_sample_alone(serve
     assert len([p for p, _ in server["app"].state.scheduler.batches if p.temperature == 1.0]) == 1  # not one a seed
 
 
+def test_top_k_and_min_p_are_applied(server):
+    """top_k 1 (and min_p 1) keep only the most likely token: a request at temperature 2 gets the greedy text."""
+    for extra in ({"top_k": 1}, {"min_p": 1.0}):
+        r = client(server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPTS[2]}],
+                                                   max_tokens=20, temperature=2.0, seed=5, extra_body=extra)
+        assert r.choices[0].message.content == alone(server, PROMPTS[2]), extra
+
+
 def test_any_model_name_is_served_by_the_loaded_model(server):
     r = client(server).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": PROMPTS[0]}],
                                                max_tokens=20, temperature=0)
@@ -181,6 +189,8 @@ def test_a_client_that_disconnects_frees_its_row(server):
     ({"model": "tiny", "messages": [{"role": "user", "content": "word " * 600}]}, 400, "exceeds the context"),
     ({"model": "tiny", "messages": []}, 400, "messages"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "top_k": 2.5}, 400, "top_k"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "min_p": 3}, 400, "min_p"),
 ])
 def test_bad_requests_get_the_openai_error_shape(server, body, status, message):
     data = body if isinstance(body, bytes) else json.dumps(body).encode()

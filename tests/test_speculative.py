@@ -465,3 +465,29 @@ def test_sampling_with_a_seed_is_reproducible_and_stays_in_the_nucleus(pair):
     top5 = np.argsort(-np.array(logits[0]), axis=-1)[:, :5]
     for i, tok in enumerate(runs[0]):
         assert tok in top5[len(ids) - 1 + i]
+
+
+def test_sampling_noise_is_finite_over_a_full_vocabulary():
+    """The noise's uniform must stay below 1.0 in float32: a token whose noise is +inf is drawn whatever its
+    probability (at 24 bits that was about one position in 64 over Gemma's 262144 tokens)."""
+    from gemma_mlx.sampling import position_noise
+
+    vocab = mx.arange(262144)
+    for start in range(0, 512, 64):
+        noise = position_noise([5], [list(range(start, start + 64))], vocab)
+        assert bool(mx.all(mx.isfinite(noise))), f"infinite noise at positions {start}..{start + 63}"
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.8, top_p=0.95, top_k=64),
+                                    SamplingParams(temperature=1.0, top_p=0.5, top_k=1000, min_p=0.05),
+                                    SamplingParams(temperature=0.7, top_k=40)], ids=["top_p", "min_p", "top_k"])
+def test_top_k_sampling_draws_what_the_whole_vocabulary_would(params):
+    """With a top-k, only its k candidates are filtered and given noise: the same draw as processing and noising all
+    262144 tokens."""
+    from gemma_mlx.sampling import position_noise, sample
+
+    V, rows = 262144, 24
+    logits = mx.random.normal((rows, 2, V), key=mx.random.key(1)) * 4
+    seeds, positions = list(range(rows)), [[9, 10]] * rows
+    whole = mx.argmax(processed_logits(logits, params) + position_noise(seeds, positions, mx.arange(V)), axis=-1)
+    assert np.array_equal(np.array(sample(logits, params, seeds, positions)), np.array(whole))

@@ -43,6 +43,8 @@ MODEL = typer.Option(None, "--model", "-m", help=f"Target dir or hub id \\[defau
 DRAFT_TOKENS = typer.Option("auto", "--draft-tokens", "-k", help="Drafted tokens per round: N or auto.")
 TEMP = typer.Option(0.0, "--temp", help="Sampling temperature (0 = greedy).")
 TOP_P = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold.")
+TOP_K = typer.Option(0, "--top-k", help="Sample from the k most likely tokens only (0 = all; Gemma's recommended "
+                     "sampling is --temp 1 --top-k 64 --top-p 0.95).")
 
 
 class UserError(Exception):
@@ -195,11 +197,13 @@ def parse_draft(value: str):
     return k
 
 
-def check_sampling(temp: float, top_p: float, max_tokens: int):
+def check_sampling(temp: float, top_p: float, top_k: int, max_tokens: int):
     if temp < 0:
         raise UserError(f"--temp must be >= 0, got {temp}")
     if not 0 < top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise UserError(f"--top-k must be >= 0, got {top_k}")
     if max_tokens < 1:
         raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
 

@@ -12,6 +12,7 @@ from . import (
     DRAFT_TOKENS,
     MODEL,
     TEMP,
+    TOP_K,
     TOP_P,
     UserError,
     app,
@@ -78,6 +79,7 @@ def chat(
     draft_tokens: str = DRAFT_TOKENS,
     temp: float = TEMP,
     top_p: float = TOP_P,
+    top_k: int = TOP_K,
     max_tokens: int = typer.Option(1024, "--max-tokens", help="Longest reply, in tokens."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
     demo: bool = typer.Option(False, "--demo", help="Chat with the demo pair (Gemma 3 270M + its distilled "
@@ -87,7 +89,7 @@ def chat(
 
     Example: gemma-mlx chat --model models/e2b --drafter models/e2b-assistant --temp 0.7"""
     draft = parse_draft(draft_tokens)
-    check_sampling(temp, top_p, max_tokens)
+    check_sampling(temp, top_p, top_k, max_tokens)
     engine = demo_engine(model, drafter) if demo else load_engine(model, drafter)
     if not getattr(engine.tokenizer, "chat_template", None):
         raise UserError("this checkpoint has no chat template, so it cannot chat: use `gemma-mlx generate --raw`")
@@ -105,7 +107,7 @@ def chat(
             continue
         conv.messages.append(user_message(conv, text))
         reply, stats = stream_reply(engine, conv.messages, ctrl_c, max_tokens=max_tokens, temperature=temp,
-                                    top_p=top_p, draft_tokens=conv.draft)
+                                    top_p=top_p, top_k=top_k, draft_tokens=conv.draft)
         conv.last = stats or conv.last
         conv.messages.append({"role": "assistant", "content": reply})
         if conv.last:

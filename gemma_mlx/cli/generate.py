@@ -13,6 +13,7 @@ from . import (
     DRAFT_TOKENS,
     MODEL,
     TEMP,
+    TOP_K,
     TOP_P,
     UserError,
     _on_cpu,
@@ -39,6 +40,7 @@ def generate(
     draft_tokens: str = DRAFT_TOKENS,
     temp: float = TEMP,
     top_p: float = TOP_P,
+    top_k: int = TOP_K,
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling."),
     max_tokens: int = typer.Option(256, "--max-tokens", help="Most new tokens per prompt."),
     chat_template: bool = typer.Option(True, "--chat/--raw", help="Wrap prompts in the chat template (default) "
@@ -62,17 +64,18 @@ def generate(
     if demo:
         if repeats < 1:
             raise UserError(f"--repeats must be >= 1, got {repeats}")
-        check_sampling(temp, top_p, max_tokens)
+        check_sampling(temp, top_p, top_k, max_tokens)
         prompts = None if prompt is None and prompts_file is None else read_prompts(prompt, prompts_file)
         return run_demo(max_tokens if max_tokens != 256 else 64, prompts, chat_template, repeats, as_json)
     if (prompt is None) == (prompts_file is None):
         raise UserError("give exactly one of --prompt and --prompts-file")
     draft = parse_draft(draft_tokens)
-    check_sampling(temp, top_p, max_tokens)
+    check_sampling(temp, top_p, top_k, max_tokens)
     prompts = read_prompts(prompt, prompts_file)
     engine = load_engine(model, drafter)
     inputs = prompt_inputs(prompts, chat_template, images or [])
-    kwargs = dict(max_tokens=max_tokens, temperature=temp, top_p=top_p, draft_tokens=draft, seed=seed)
+    kwargs = dict(max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, draft_tokens=draft,
+                  seed=seed)
     if batch_size > 1:
         if not hasattr(gemma_mlx, "generate_batch"):
             raise UserError("batch mode is not available in this build")
