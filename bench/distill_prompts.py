@@ -4,11 +4,16 @@ templates x topics, shuffled with a fixed seed; none shares a word 5-gram with g
     python -m bench.distill_prompts OUT.txt     # then: gemma-mlx distill --prompts OUT.txt ...
     python -m bench.distill_prompts OUT.txt 2   # set 2: the template x topic pairs set 1 left out, and new functions
                                                 # (for gemma-mlx distill --init DRAFTER: new text, not set 1's again)
+    python -m bench.distill_prompts OUT.txt 3   # set 3: real code openings (a function's or class's signature and
+                                                # docstring line, from this Python's standard library, PSF licence),
+                                                # mixed with as many prompts of sets 1 and 2
 """
+import ast
 import json
 import random
 import re
 import sys
+import sysconfig
 from pathlib import Path
 topics = """volcanoes|the moon|honey bees|the printing press|coral reefs|the Roman Empire|photosynthesis|earthquakes|
 the internet|penguins|the Sahara desert|chess|jazz music|the human skeleton|rain forests|the Eiffel Tower|tides|
@@ -70,9 +75,24 @@ def grams(s, n=5):
 
 
 def prompts(which: int = 1) -> list[str]:
-    """Set 1 (what the demo drafter was first distilled on) or set 2 (the template x topic pairs set 1 left out, every
-    code-chat template, other function names), shuffled with a fixed seed, without the demo prompts' 5-grams."""
+    """Set 1 (what the demo drafter was first distilled on), set 2 (the template x topic pairs set 1 left out, every
+    code-chat template, other function names) or set 3 (`stdlib_openings`, with as many of sets 1 and 2), shuffled
+    with a fixed seed, without the demo prompts' 5-grams."""
     rng, other, out = random.Random(0), random.Random(2), set()
+    if which == 3:
+        code_openings = stdlib_openings()
+        out = set(code_openings) | set(random.Random(3).sample(prompts(1) + prompts(2), len(code_openings)))
+    else:
+        out = templated(which, rng, other)
+    demo = json.loads((Path(__file__).resolve().parent.parent / "gemma_mlx" / "demo_prompts.json").read_text())
+    demo_grams = set().union(*(grams(x) for v in demo.values() for _, x in v))
+    out = [p for p in sorted(out) if not grams(p) & demo_grams]
+    rng.shuffle(out)
+    return out
+
+
+def templated(which: int, rng: random.Random, other: random.Random) -> set[str]:
+    out = set()
     for t in topics:
         chosen_prose = rng.sample(prose, 5)
         chosen_chat = [(tpl, rng.choice(topics)) for tpl in rng.sample(chat, 6)]
@@ -90,14 +110,48 @@ def prompts(which: int = 1) -> list[str]:
             out.add(tpl.format(n=n, h=h, C=C))
         for tpl in rng.sample(chat_code, 3) if which == 1 else chat_code:
             out.add(tpl.format(n=n, h=h))
-    demo = json.loads((Path(__file__).resolve().parent.parent / "gemma_mlx" / "demo_prompts.json").read_text())
-    demo_grams = set().union(*(grams(x) for v in demo.values() for _, x in v))
-    out = [p for p in sorted(out) if not grams(p) & demo_grams]
-    rng.shuffle(out)
     return out
 
 
-PROMPTS = prompts(1) + prompts(2)  # every prompt the demo drafter was distilled on
+def stdlib_openings() -> list[str]:
+    """How a public function or class of the standard library opens, as the demo's code prompts do: its signature
+    and the first line of its docstring (a class: also its __init__'s signature), at most one per name."""
+    out, seen = [], set()
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(root.glob("*.py")) + sorted(root.glob("*/*.py")):
+        if any(part in ("test", "tests", "idlelib", "lib2to3", "site-packages") for part in path.parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in tree.body:
+            opening = _opening(node)
+            if opening and node.name not in seen:
+                seen.add(node.name)
+                out.append(opening)
+    return out
+
+
+def _opening(node) -> str | None:
+    if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) or node.name.startswith("_"):
+        return None
+    doc = (ast.get_docstring(node) or "").split("\n")[0].strip()
+    if not 10 <= len(doc) <= 90 or not doc.endswith(".") or '"""' in doc or "\\" in doc:
+        return None
+    if isinstance(node, ast.FunctionDef):
+        return f'{_signature(node)}\n    """{doc}"""\n'
+    init = next((n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"), None)
+    bases = "(" + ", ".join(ast.unparse(b) for b in node.bases) + ")" if node.bases else ""
+    head = f'class {node.name}{bases}:\n    """{doc}"""\n'
+    return head + ("\n    " + _signature(init) + "\n" if init else "")
+
+
+def _signature(fn: ast.FunctionDef) -> str:
+    return f"def {fn.name}({ast.unparse(fn.args)}):"
+
+
+PROMPTS = prompts(1) + prompts(2) + prompts(3)  # every prompt a demo drafter was distilled on
 
 if __name__ == "__main__":
     out = prompts(int(sys.argv[2]) if len(sys.argv) > 2 else 1)
