@@ -340,17 +340,17 @@ def _key(path) -> tuple:
     return str(p), tuple(w.stat().st_mtime_ns for w in weights)
 
 
-def load_model(path):
-    """The transformers model of a checkpoint dir (class from config.json's model_type), fp32, eager, eval; cached
-    by path (a rebuilt checkpoint at the same path is reloaded)."""
-    key = _key(path)
+def load_model(path, dtype=torch.float32):
+    """The transformers model of a checkpoint dir (class from config.json's model_type), fp32 unless asked, eager,
+    eval; cached by path and dtype (a rebuilt checkpoint at the same path is reloaded)."""
+    key = _key(path) + (dtype,)
     if key not in _MODELS:
         cfg = json.loads((Path(path) / "config.json").read_text())
         from transformers.models.gemma4_unified import Gemma4UnifiedForCausalLM
 
         cls = {"gemma4": Gemma4ForConditionalGeneration, "gemma4_assistant": Gemma4AssistantForCausalLM,
                "gemma4_unified_text": Gemma4UnifiedForCausalLM}.get(cfg["model_type"], Gemma4ForCausalLM)
-        model = cls.from_pretrained(str(key[0]), dtype=torch.float32, attn_implementation="eager").eval()
+        model = cls.from_pretrained(str(key[0]), dtype=dtype, attn_implementation="eager").eval()
         if cls is Gemma4AssistantForCausalLM and model.generation_config.num_assistant_tokens is None:
             model.generation_config.num_assistant_tokens = 4
         _MODELS[key] = model
@@ -381,16 +381,16 @@ def _check_placeholders(path, ids, what="ids"):
 
 
 @torch.no_grad()
-def _target_forward(path, ids, **kw):
+def _target_forward(path, ids, dtype=torch.float32, **kw):
     _check_placeholders(path, ids)
     # output_hidden_states=True: avoids the kv-shared-without-PLE crash, and hidden_states[-1] is the final-norm hidden
-    return load_model(path)(_ids(ids), output_hidden_states=True, use_cache=False, **kw)
+    return load_model(path, dtype)(_ids(ids), output_hidden_states=True, use_cache=False, **kw)
 
 
-def hf_forward(path, ids) -> tuple[np.ndarray, np.ndarray]:
+def hf_forward(path, ids, dtype=torch.float32) -> tuple[np.ndarray, np.ndarray]:
     """Full-sequence target forward (CausalLM or the multimodal wrapper's text path): (logits [T, V] after the
-    softcap, final-norm hidden [T, H])."""
-    out = _target_forward(path, ids)
+    softcap, final-norm hidden [T, H]); `dtype=torch.float64` for the exact result fp32 rounding is measured from."""
+    out = _target_forward(path, ids, dtype)
     return _np(out.logits[0]), _np(out.hidden_states[-1][0])
 
 
