@@ -48,8 +48,7 @@ class SamplingParams:
 
 def processed_logits(logits: mx.array, params: SamplingParams) -> mx.array:
     """Logits whose softmax is the distribution plain sampling draws from ([..., V], float32)."""
-    logprobs = logits.astype(mx.float32)
-    logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+    logprobs = _logprobs(logits)
     if params.top_p < 1.0:
         logprobs = apply_top_p(logprobs, params.top_p)
     if params.min_p > 0.0:
@@ -57,6 +56,11 @@ def processed_logits(logits: mx.array, params: SamplingParams) -> mx.array:
     if 0 < params.top_k < logprobs.shape[-1]:
         logprobs = apply_top_k(logprobs, params.top_k)
     return logprobs * (1.0 / params.temperature)
+
+
+def _logprobs(logits: mx.array) -> mx.array:
+    logits = logits.astype(mx.float32)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
 def _mix(x: mx.array) -> mx.array:
@@ -94,8 +98,7 @@ def candidates(logits: mx.array, params: SamplingParams) -> tuple[mx.array, mx.a
     V = logits.shape[-1]
     if not 0 < params.top_k < V:
         return mx.arange(V), processed_logits(logits, params)
-    logprobs = logits.astype(mx.float32)
-    logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+    logprobs = _logprobs(logits)
     ids = mx.argpartition(-logprobs, kth=params.top_k - 1, axis=-1)[..., : params.top_k]
     top = mx.take_along_axis(logprobs, ids, axis=-1)
     if params.top_p < 1.0:
